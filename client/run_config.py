@@ -1,0 +1,113 @@
+"""The run config: Flower's `[tool.flwr.app.config]`, validated once, in one place.
+
+Keys are kebab-case (`num-server-rounds`); every error names the key it is about, and a bad
+config is refused before any site trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from models.registry import ModelSpec, check_model_choice
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config; attribute `num_server_rounds` is key `num-server-rounds`."""
+
+    task: str = "classify"
+    model: str = "cnn-transformer"
+    model_size: str = "small"
+    num_server_rounds: int = 4
+    local_epochs: int = 2
+    learning_rate: float = 0.002
+    batch_size: int = 16
+    clip_frames: int = 8
+    frame_stride: int = 2
+    frame_size: int = 48
+    data_dir: str = ""
+    classes: str = ""
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    central_eval: bool = True
+    seed: int = 0
+    run_dir: str = ""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a Flower run config (kebab-case keys); raise ValueError naming the key."""
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s): {', '.join(unknown)}")
+        kwargs = {}
+        for key, value in values.items():
+            kwargs[known[key].name] = _coerce(key, value, type(getattr(cls, known[key].name)))
+        config = cls(**kwargs)
+        config.check()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config as kebab-case keys, e.g. for `config.json`."""
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    def check(self) -> None:
+        """Raise ValueError naming the key of the first bad value."""
+        check_model_choice(self.task, self.model, self.model_size)
+        positive = ("num_server_rounds", "local_epochs", "batch_size", "clip_frames", "frame_stride", "min_sites")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_key(name)} = {getattr(self, name)} must be at least 1")
+        if self.frame_size < 16:
+            raise ValueError(f"frame-size = {self.frame_size} must be at least 16 pixels")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning-rate = {self.learning_rate} must be > 0")
+        if self.partition not in ("iid", "dirichlet"):
+            raise ValueError(f"partition = {self.partition!r} must be 'iid' or 'dirichlet'")
+        if not self.dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet-alpha = {self.dirichlet_alpha} must be > 0")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{_key(name)} = {getattr(self, name)} must be in [0, 1)")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{_key(name)} = {getattr(self, name)} must be in (0, 1]")
+
+    def model_spec(self, num_classes: int) -> ModelSpec:
+        """The model every party builds for this run."""
+        return ModelSpec(self.task, self.model, self.model_size, num_classes, self.clip_frames, self.frame_size)
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """Class names fixed by the `classes` key, or None to take them from the data."""
+        names = tuple(n.strip() for n in self.classes.split(",") if n.strip())
+        return names or None
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Check a value's type against the default's; ints are accepted where floats are."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ValueError(f"run-config key {key} = {value!r} must be of type {kind.__name__}")

@@ -1,0 +1,98 @@
+"""Which videos a site trains and validates on, in simulation and in deployment.
+
+In deployment a SuperNode's node config names the site's own folder (`data-dir`). In
+simulation one dataset (the run config's `data-dir`, or the built-in synthetic one) is split
+into a central test part and N site partitions; every virtual site computes the same split
+from the seed and keeps its own partition.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+from client.dataset import ClipSet, ClipSpec, FrameAnonymizer, VideoItem, load_clips, partition_items, scan_video_folder, split_items
+from client.run_config import RunConfig
+from client.synth import is_complete, write_synthetic_dataset
+from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
+
+
+def fedvid_home() -> Path:
+    """Where fedvid keeps data, caches, face models and runs: $FEDVID_HOME or ~/.fedvid."""
+    return Path(os.environ.get("FEDVID_HOME", Path.home() / ".fedvid")).expanduser()
+
+
+def builtin_data_dir(progress: bool = False) -> Path:
+    """The built-in synthetic dataset, written on first use (once, even with many sites)."""
+    target = fedvid_home() / "data" / "synth"
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".synth.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_complete(target):
+            write_synthetic_dataset(target, seed=0, progress=progress)
+    return target
+
+
+def dataset_dir(config: RunConfig) -> Path:
+    """The run's dataset folder: `data-dir`, or the built-in data when it is empty."""
+    return Path(config.data_dir).expanduser() if config.data_dir else builtin_data_dir()
+
+
+def federation_split(config: RunConfig) -> tuple[tuple[str, ...], list[VideoItem], list[VideoItem]]:
+    """(classes, videos shared among sites, central test videos) of a simulated federation."""
+    classes, items = scan_video_folder(dataset_dir(config), config.class_names())
+    shared, test = split_items(items, config.test_fraction, config.seed)
+    return classes, shared, test
+
+
+def site_items(config: RunConfig, node_config: Mapping) -> tuple[tuple[str, ...], list[VideoItem]]:
+    """(classes, this site's videos) from the node config (deployment) or the partition (simulation)."""
+    if node_config.get("data-dir"):
+        return scan_video_folder(Path(str(node_config["data-dir"])).expanduser(), config.class_names())
+    classes, shared, _ = federation_split(config)
+    parts = partition_items(
+        shared, int(node_config["num-partitions"]), config.partition, config.dirichlet_alpha, config.seed
+    )
+    return classes, parts[int(node_config["partition-id"])]
+
+
+@lru_cache(maxsize=1)
+def site_anonymizer() -> FaceAnonymizer:
+    """The face anonymizer, loaded once per process; fails closed without a face model."""
+    return FaceAnonymizer(AnonymizerSettings())
+
+
+@dataclass
+class SiteData:
+    """A site's anonymized training and validation clips."""
+
+    classes: tuple[str, ...]
+    train: ClipSet
+    val: ClipSet
+
+
+def clip_spec(config: RunConfig) -> ClipSpec:
+    return ClipSpec(config.clip_frames, config.frame_stride, config.frame_size)
+
+
+def cache_dir(node_config: Mapping) -> Path:
+    """The site's clip cache: node config `cache-dir`, else under fedvid's home."""
+    return Path(str(node_config.get("cache-dir") or fedvid_home() / "cache")).expanduser()
+
+
+def load_site_data(config: RunConfig, node_config: Mapping, anonymizer: FrameAnonymizer) -> SiteData:
+    """Decode, anonymize and split this site's videos into training and validation clips."""
+    classes, items = site_items(config, node_config)
+    train_items, val_items = split_items(items, config.val_fraction, config.seed)
+    if not train_items:
+        raise ValueError(f"the site has {len(items)} videos: none left for training after val-fraction")
+    spec, cache = clip_spec(config), cache_dir(node_config)
+    train = load_clips(train_items, spec, anonymizer, cache)
+    val = load_clips(val_items, spec, anonymizer, cache) if val_items else None
+    return SiteData(classes, train, val or train)

@@ -1,0 +1,66 @@
+"""One place that maps (task, model name, size) to an architecture.
+
+The ServerApp and every ClientApp build their model here from the same run config, so the
+weights they exchange always fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.video_classifier import Cnn3dClassifier, CnnTransformerClassifier
+
+SIZES: dict[str, dict[str, dict]] = {
+    "cnn-transformer": {
+        "tiny": dict(widths=(8, 16, 32), dim=32, depth=1, heads=2),
+        "small": dict(widths=(16, 32, 64), dim=64, depth=1, heads=2),
+        "base": dict(widths=(32, 64, 128), dim=128, depth=2, heads=4),
+    },
+    "cnn3d": {
+        "tiny": dict(widths=(8, 16, 32)),
+        "small": dict(widths=(16, 32, 64)),
+        "base": dict(widths=(32, 64, 128)),
+    },
+}
+
+MODELS: dict[str, dict[str, type[nn.Module]]] = {
+    "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier},
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the same model anywhere."""
+
+    task: str
+    name: str
+    size: str
+    num_classes: int
+    clip_frames: int
+    frame_size: int
+
+
+def check_model_choice(task: str, name: str, size: str) -> None:
+    """Raise ValueError naming the run-config key when a model choice does not exist."""
+    if task not in MODELS:
+        raise ValueError(f"task = {task!r} is not one of {sorted(MODELS)}")
+    if name not in MODELS[task]:
+        raise ValueError(f"model = {name!r} is not a {task} model: {sorted(MODELS[task])}")
+    if size not in SIZES[name]:
+        raise ValueError(f"model-size = {size!r} is not one of {sorted(SIZES[name])}")
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the architecture named by `spec` with freshly initialised weights."""
+    check_model_choice(spec.task, spec.name, spec.size)
+    kwargs = dict(SIZES[spec.name][spec.size], num_classes=spec.num_classes)
+    if spec.name == "cnn-transformer":
+        kwargs["clip_frames"] = spec.clip_frames
+    return MODELS[spec.task][spec.name](**kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

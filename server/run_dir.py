@@ -1,0 +1,106 @@
+"""The run directory: everything a run leaves behind, written as it goes.
+
+    config.json        the resolved run config, classes and model spec
+    metrics.jsonl      one JSON object per round (round 0 is the initial model)
+    checkpoints/       round-001.pt, ... the global model after each round
+    model.pt           the final global model
+    metrics.png        accuracy and loss per round
+    status.json        "running", then "completed" or "failed"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.registry import ModelSpec
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file, so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_model(path: Path, state_dict: dict, spec: ModelSpec, classes: tuple[str, ...], **info: Any) -> None:
+    """A model file that says how to rebuild its architecture."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": state_dict, "spec": dataclasses.asdict(spec), "classes": list(classes), **info}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_file(path: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by `save_model`; returns (model, the file's contents)."""
+    from models.registry import build_model
+
+    content = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(ModelSpec(**content["spec"]))
+    model.load_state_dict(content["state_dict"])
+    return model, content
+
+
+class RunDirectory:
+    """Writes one run's files; every write is atomic or an append of a whole line."""
+
+    def __init__(self, path: Path, config: dict, spec: ModelSpec, classes: tuple[str, ...]):
+        self.path = Path(path)
+        self.spec, self.classes = spec, classes
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            self.path / "config.json",
+            {"run-config": config, "classes": list(classes), "model": dataclasses.asdict(spec)},
+        )
+        self.set_status("running")
+
+    def set_status(self, status: str, **info: Any) -> None:
+        write_json_atomic(self.path / "status.json", {"status": status, **info})
+
+    def record_round(self, server_round: int, metrics: dict, state_dict: dict | None) -> None:
+        """Append the round's metrics and save its checkpoint (round 0: metrics only)."""
+        if state_dict is not None and server_round > 0:
+            save_model(self.path / "checkpoints" / f"round-{server_round:03d}.pt", state_dict, self.spec, self.classes, round=server_round)
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"round": server_round, **metrics}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, state_dict: dict, **info: Any) -> None:
+        """Save the final model, draw the plot and mark the run completed."""
+        save_model(self.path / "model.pt", state_dict, self.spec, self.classes)
+        plot_metrics(self.path / "metrics.jsonl", self.path / "metrics.png")
+        self.set_status("completed", **info)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rounds of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> None:
+    """Accuracy and loss per round, one line per metric family, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = read_metrics(metrics_file)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for prefix, style in (("train", ":"), ("val", "--"), ("test", "-")):
+        for ax, metric in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+            points = [(r["round"], r[f"{prefix}-{metric}"]) for r in rounds if f"{prefix}-{metric}" in r]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", label=prefix)
+    for ax, title in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

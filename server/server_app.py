@@ -1,0 +1,105 @@
+"""The ServerApp: the coordinator. FedAvg over the sites, central evaluation, the run directory."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from client.dataset import ClipSet, load_clips
+from client.run_config import RunConfig
+from client.site import clip_spec, federation_split, fedvid_home, site_anonymizer
+from client.train import evaluate, pick_device
+from models.registry import build_model
+from server.run_dir import RunDirectory
+from server.strategy import RecordingFedAvg
+
+app = ServerApp()
+
+
+def default_run_dir(run_id: int) -> Path:
+    return fedvid_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
+
+
+def central_test_set(config: RunConfig) -> tuple[tuple[str, ...], ClipSet | None]:
+    """(classes, central test clips or None) from the run's dataset, when the server has it."""
+    if not config.central_eval:
+        names = config.class_names()
+        if not names:
+            raise ValueError("central-eval = false needs the class list in the run-config key `classes`")
+        return names, None
+    classes, _, test_items = federation_split(config)
+    if not test_items:
+        return classes, None
+    return classes, load_clips(test_items, clip_spec(config), site_anonymizer(), fedvid_home() / "cache", progress=True)
+
+
+def round_line(server_round: int, rounds: int, metrics: dict, seconds: float) -> str:
+    """One line a person can follow: the round's losses and accuracies."""
+    parts = [f"round {server_round}/{rounds}"]
+    for prefix in ("train", "val", "test"):
+        if f"{prefix}-accuracy" in metrics:
+            parts.append(f"{prefix} loss {metrics[f'{prefix}-loss']:.3f} acc {metrics[f'{prefix}-accuracy']:.3f}")
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedAvg for `num-server-rounds` and write the run directory."""
+    config = RunConfig.from_mapping(context.run_config)
+    classes, test_set = central_test_set(config)
+    spec = config.model_spec(len(classes))
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    run_path = Path(config.run_dir).expanduser() if config.run_dir else default_run_dir(context.run_id)
+    run = RunDirectory(run_path, config.to_mapping(), spec, classes)
+    log(INFO, "fedvid: run directory %s", run.path)
+
+    strategy = RecordingFedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_sites,
+        min_evaluate_nodes=config.min_sites,
+        min_available_nodes=config.min_sites,
+    )
+    device = pick_device()
+    clock = {"start": time.perf_counter()}
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation, checkpoint and metrics line; Flower calls it after each round."""
+        metrics = dict(strategy.round_metrics) if server_round > 0 else {}
+        if test_set is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            stats = evaluate(model, test_set.dataset(), device)
+            metrics.update({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
+        headline = "test" if test_set is not None else "val"
+        if f"{headline}-accuracy" in metrics:
+            metrics.update(accuracy=metrics[f"{headline}-accuracy"], loss=metrics[f"{headline}-loss"])
+        seconds = time.perf_counter() - clock["start"]
+        metrics["seconds"] = seconds
+        run.record_round(server_round, {**metrics, "sites": strategy.site_metrics if server_round else []},
+                         arrays.to_torch_state_dict() if server_round else None)
+        log(INFO, "fedvid: %s", round_line(server_round, config.num_server_rounds, metrics, seconds))
+        clock["start"] = time.perf_counter()
+        return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    try:
+        model.to(device)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=config.num_server_rounds,
+            train_config=ConfigRecord({"learning-rate": config.learning_rate}),
+            evaluate_fn=after_round,
+        )
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.finish(result.arrays.to_torch_state_dict())
+    log(INFO, "fedvid: run completed, results in %s", run.path)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import DataLoader
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.run_config import RunConfig
-from client.site import SiteData, load_site_data, site_anonymizer
-from client.train import evaluate, make_optimizer, pick_device, train_epochs
+from client.private_round import SitePrivacy, train_round
+from client.site import SiteData, default_privacy_dir, load_site_data, site_anonymizer, site_id
+from client.train import evaluate, pick_device
 from models.registry import build_model
 
 app = ClientApp()
@@ -36,27 +39,49 @@ def global_model(msg: Message, config: RunConfig, num_classes: int) -> torch.nn.
     return model
 
 
-@app.train()
+def clip_update_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` whenever the server sends a clipping norm (DP runs)."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[clip_update_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the site's clips for `local-epochs`; reply with the weights."""
+    """Train the global model on the site's clips for `local-epochs` (DP-SGD by default).
+
+    The reply holds the weights, scalar metrics and the round's privacy-ledger record;
+    a site whose budget cannot afford the round sends the global weights back untouched
+    and says why in that record.
+    """
     config = RunConfig.from_mapping(context.run_config)
     data = site_data(config, context)
     device = pick_device(str(context.node_config.get("device", "")))
     server_round = int(msg.content["config"]["server-round"])
     torch.manual_seed(config.seed * 1000 + server_round)
     model = global_model(msg, config, len(data.classes)).to(device)
-    loader = DataLoader(data.train.dataset(), batch_size=config.batch_size, shuffle=True)
+    name = site_id(context.node_config, context.node_id)
+    privacy = SitePrivacy.from_node_config(
+        context.node_config, name, default_privacy_dir(context.node_config, name, context.run_id), config.delta
+    )
     started = time.perf_counter()
-    stats = train_epochs(model, loader, make_optimizer(model, config.learning_rate), config.local_epochs, device)
+    outcome = train_round(model, data.train, data.fingerprint, config, privacy, str(context.run_id), server_round, device)
+    stats = outcome.stats
     metrics = {
-        "train-loss": stats.loss,
-        "train-accuracy": stats.accuracy,
+        "train-loss": stats.loss if stats else 0.0,
+        "train-accuracy": stats.accuracy if stats else 0.0,
         "train-seconds": time.perf_counter() - started,
         "faces-blurred": data.train.faces_blurred + data.val.faces_blurred,
         "videos-skipped": len(data.train.skipped) + len(data.val.skipped),
-        "num-examples": len(data.train),
+        "num-examples": 0 if outcome.refused else len(data.train),
+        "site-weight": 1.0,
     }
-    reply = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)})
+    arrays = msg.content["arrays"] if outcome.refused else ArrayRecord(model.cpu().state_dict())
+    reply = RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"site-id": name, "refused": outcome.refused, "ledger-record": json.dumps(outcome.record)}),
+    })
     return Message(content=reply, reply_to=msg)
 
 

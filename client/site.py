@@ -15,10 +15,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
-from client.dataset import ClipSet, ClipSpec, FrameAnonymizer, VideoItem, load_clips, partition_items, scan_video_folder, split_items
+from client.dataset import ClipSet, ClipSpec, FrameAnonymizer, VideoItem, file_digest, load_clips, partition_items, scan_video_folder, split_items
 from client.run_config import RunConfig
 from client.synth import is_complete, write_synthetic_dataset
 from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
+from privacy.site_budget import dataset_fingerprint
 
 
 def fedvid_home() -> Path:
@@ -75,6 +76,7 @@ class SiteData:
     classes: tuple[str, ...]
     train: ClipSet
     val: ClipSet
+    fingerprint: str  # of the training videos' content: the key of the site's privacy budget
 
 
 def clip_spec(config: RunConfig) -> ClipSpec:
@@ -94,5 +96,26 @@ def load_site_data(config: RunConfig, node_config: Mapping, anonymizer: FrameAno
         raise ValueError(f"the site has {len(items)} videos: none left for training after val-fraction")
     spec, cache = clip_spec(config), cache_dir(node_config)
     train = load_clips(train_items, spec, anonymizer, cache)
-    val = load_clips(val_items, spec, anonymizer, cache) if val_items else None
-    return SiteData(classes, train, val or train)
+    val = load_clips(val_items, spec, anonymizer, cache) if val_items else train
+    fingerprint = dataset_fingerprint((f"{i.path.parent.name}/{i.path.name}", file_digest(i.path)) for i in train_items)
+    return SiteData(classes, train, val, fingerprint)
+
+
+def site_id(node_config: Mapping, node_id: int) -> str:
+    """The site's name: node config `site-id`, else its simulation partition, else its node id."""
+    if node_config.get("site-id"):
+        return str(node_config["site-id"])
+    if "partition-id" in node_config:
+        return f"site-{int(node_config['partition-id'])}"
+    return f"node-{node_id}"
+
+
+def default_privacy_dir(node_config: Mapping, site: str, run_id: int) -> Path:
+    """Where a site keeps its budget and ledger when its node config names no `privacy-dir`.
+
+    A real site (node config `data-dir`) keeps one state across all runs on its data. A
+    simulated site is a fresh virtual site in every run.
+    """
+    if node_config.get("data-dir"):
+        return fedvid_home() / "privacy" / site
+    return fedvid_home() / "privacy" / "simulations" / str(run_id) / site

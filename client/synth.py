@@ -80,8 +80,12 @@ def _trajectory(label: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 def _render_video(label: int, rng: np.random.Generator, with_face: bool) -> list[np.ndarray]:
     # A low-contrast background under a high-contrast shape: the motion is visible, but
     # colours and textures are random, so only the motion tells the class.
-    background = _texture(rng, FRAME_SIZE, int(rng.integers(4, 12))) // 3 + rng.integers(40, 130)
-    skin = _texture(rng, FRAME_SIZE * 4, int(rng.integers(8, 24)))
+    background = _texture(rng, FRAME_SIZE, int(rng.integers(12, 24))) // 6 + rng.integers(50, 150)
+    # The shape: a saturated random colour with a light texture, so it stands out.
+    colour = rng.choice([20, 235], size=3).astype(np.float64)
+    if colour.std() == 0:
+        colour[rng.integers(3)] = 255 - colour[0]
+    skin = 0.7 * colour + 0.3 * _texture(rng, FRAME_SIZE * 4, int(rng.integers(8, 24)))
     mask_full = _object_mask(rng, 16)
     centres, radii = _trajectory(label, rng)
     face = _face_patch(30) if with_face else None

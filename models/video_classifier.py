@@ -18,13 +18,19 @@ def _groups(channels: int) -> int:
     return max(1, channels // 8)
 
 
+def with_motion(clips: torch.Tensor) -> torch.Tensor:
+    """Append frame differences as 3 more channels: motion made explicit for a per-frame CNN."""
+    motion = torch.diff(clips, dim=2, prepend=clips[:, :, :1])
+    return torch.cat([clips, motion], dim=1)
+
+
 class FrameEncoder(nn.Module):
     """Shared per-frame 2D CNN written as Conv3d with (1, k, k) kernels: time never mixes."""
 
-    def __init__(self, widths: tuple[int, ...], grid: int = 4):
+    def __init__(self, widths: tuple[int, ...], grid: int = 2, in_channels: int = 6):
         super().__init__()
         layers: list[nn.Module] = []
-        in_ch = 3
+        in_ch = in_channels
         for out_ch in widths:
             layers += [
                 nn.Conv3d(in_ch, out_ch, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
@@ -92,15 +98,16 @@ class CnnTransformerClassifier(nn.Module):
         self.encoder = FrameEncoder(widths)
         self.embed = nn.Linear(self.encoder.out_dim, dim)
         self.position = nn.Embedding(clip_frames, dim)
+        nn.init.normal_(self.position.weight, std=0.02)  # N(0, 1) would drown the features
         self.blocks = nn.Sequential(*[TemporalBlock(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(2 * dim)
         self.head = nn.Linear(2 * dim, num_classes)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        x = self.embed(self.encoder(clips))
+        x = self.embed(self.encoder(with_motion(clips)))
         b, t, _ = x.shape
         # The index tensor carries the batch dimension so Opacus sees one row per example.
-        positions = torch.arange(t, device=x.device).expand(b, t)
+        positions = torch.arange(t, device=x.device).repeat(b, 1)
         x = self.blocks(x + self.position(positions))
         fused = torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=-1)
         return self.head(self.norm(fused))

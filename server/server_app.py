@@ -17,6 +17,7 @@ from client.site import clip_spec, federation_split, fedvid_home, site_anonymize
 from client.train import evaluate, pick_device
 from models.registry import build_model
 from server.run_dir import RunDirectory
+from server.central_privacy import CentralPrivacy
 from server.strategy import RecordingFedAvg
 
 app = ServerApp()
@@ -61,13 +62,17 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDirectory(run_path, config.to_mapping(), spec, classes)
     log(INFO, "fedvid: run directory %s", run.path)
 
+    # Uniform weights when the server adds noise: its noise is calibrated to clip / sites.
     strategy = RecordingFedAvg(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites,
         min_available_nodes=config.min_sites,
+        weighted_by_key="site-weight" if config.server_noise_multiplier > 0 else "num-examples",
     )
+    central = CentralPrivacy(config, run.path / "ledger.jsonl", str(context.run_id), total_sites=len(list(grid.get_node_ids())))
+    running = central.wrap(strategy)
     device = pick_device()
     clock = {"start": time.perf_counter()}
 
@@ -81,6 +86,8 @@ def main(grid: Grid, context: Context) -> None:
         headline = "test" if test_set is not None else "val"
         if f"{headline}-accuracy" in metrics:
             metrics.update(accuracy=metrics[f"{headline}-accuracy"], loss=metrics[f"{headline}-loss"])
+        if server_round > 0:
+            metrics.update(central.record_round(server_round, strategy.ledger_records))
         seconds = time.perf_counter() - clock["start"]
         metrics["seconds"] = seconds
         run.record_round(server_round, {**metrics, "sites": strategy.site_metrics if server_round else []},
@@ -91,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
 
     try:
         model.to(device)
-        result = strategy.start(
+        result = running.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=config.num_server_rounds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -41,15 +42,23 @@ class RecordingFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.round_metrics: dict[str, float] = {}
         self.site_metrics: list[dict] = []
+        self.ledger_records: list[dict] = []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the sites that trained; a site that refused (privacy budget) is left out."""
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
         answered = [m for m in replies if not m.has_error()]
-        self.round_metrics = {"sites-trained": len(answered), "sites-failed": len(replies) - len(answered)}
-        self.round_metrics.update(metrics or {})
+        self.ledger_records = [json.loads(m.content["site"]["ledger-record"]) for m in answered if "site" in m.content]
+        trained = [m for m in answered if not _refused(m)]
+        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
+        self.round_metrics = {
+            "sites-trained": len(trained),
+            "sites-refused": len(answered) - len(trained),
+            "sites-failed": len(replies) - len(answered),
+        }
+        self.round_metrics.update(_renamed(metrics, "num-examples", "train-examples"))
         self.site_metrics = [
             {"site": site_name(m), **dict(next(iter(m.content.metric_records.values())))} for m in answered
         ]
@@ -57,5 +66,18 @@ class RecordingFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = super().aggregate_evaluate(server_round, replies)
-        self.round_metrics.update(metrics or {})
+        self.round_metrics.update(_renamed(metrics, "num-examples", "val-examples"))
         return metrics
+
+
+def _refused(msg: Message) -> bool:
+    site = msg.content.config_records.get("site")
+    return bool(site and site["refused"])
+
+
+def _renamed(metrics: MetricRecord | None, old: str, new: str) -> dict[str, float]:
+    """Metrics as a dict with key `old` renamed to `new` (train and evaluate share names)."""
+    out = dict(metrics or {})
+    if old in out:
+        out[new] = out.pop(old)
+    return out

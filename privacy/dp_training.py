@@ -1,0 +1,401 @@
+"""The Opacus DP-SGD wrapper the ClientApp calls, plus update clipping for central DP.
+
+A round at a site, with one source of truth for accounting (see `privacy.site_budget`)::
+
+    q, steps = round_plan(train_loader, local_epochs)
+    charge = budget.charge(sigma, q, steps, round_id=rnd, run_id=run)  # write-ahead
+    model, opt, loader = make_private(model, opt, train_loader, sigma, max_grad_norm,
+                                      max_steps=steps)
+    ... plain training loop over `loader` for `local_epochs` epochs ...
+    budget.confirm(rnd, run, steps_taken(opt))                          # audit only
+
+`make_private` uses a FRESH `opacus.PrivacyEngine` each call: its accountant only sees this
+round's steps and is never persisted (the site budget was charged before training), so no
+step is counted twice; the engine's step hook also refuses any step beyond ``max_steps``, so
+no step is taken uncharged. Sigma is calibrated ONCE for the whole plan with
+`calibrate_noise` (rounds * epochs / q steps), not per round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.module_utils import trainable_modules
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import UnsupportedModuleError
+from torch import nn
+from torch.utils.data import DataLoader
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+class IncompatibleModelError(ValueError):
+    """The model has layers Opacus cannot compute per-sample gradients for."""
+
+
+class StepLimitExceeded(RuntimeError):
+    """More DP-SGD steps were attempted than were charged to the site budget."""
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def validate_dp_settings(
+    noise_multiplier: float | None,
+    max_grad_norm: float,
+    delta: float,
+    target_epsilon: float | None,
+    dataset_size: int,
+    *,
+    update_clip_norm: float | None = None,
+    server_noise_multiplier: float | None = None,
+) -> None:
+    """Refuse bad DP settings with a ``ValueError`` naming the run-config key.
+
+    ``noise_multiplier`` may be None (then it is calibrated from ``target_epsilon``, which
+    must then be given); ``target_epsilon`` may be None when the noise is given. Checks:
+    noise-multiplier > 0, max-grad-norm > 0, 0 < delta < 1/N (N = ``dataset_size``),
+    target-epsilon > 0, update-clip-norm > 0 and server-noise-multiplier > 0 when given.
+    """
+
+    def positive(key: str, value: float | None, required: bool = False) -> None:
+        if value is None:
+            if required:
+                raise ValueError(f"{key} is required")
+            return
+        v = float(value)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+
+    positive("noise-multiplier", noise_multiplier)
+    positive("max-grad-norm", max_grad_norm, required=True)
+    positive("target-epsilon", target_epsilon)
+    if noise_multiplier is None and target_epsilon is None:
+        raise ValueError("set noise-multiplier or target-epsilon (neither is set)")
+    if int(dataset_size) != dataset_size or dataset_size <= 0:
+        raise ValueError(f"dataset size must be a positive integer, got {dataset_size!r}")
+    positive("delta", delta, required=True)
+    if float(delta) >= 1.0 / dataset_size:
+        raise ValueError(
+            f"delta must be < 1/N = 1/{dataset_size} = {1.0 / dataset_size:.3g} "
+            f"(N = training examples at the site), got {delta!r}"
+        )
+    positive("update-clip-norm", update_clip_norm)
+    positive("server-noise-multiplier", server_noise_multiplier)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+) -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` steps at ``sample_rate``.
+
+    Calibrate ONCE for the whole plan: ``steps = rounds * epochs * round(1/q)``. The result
+    is the smallest sigma found (Opacus's bisection, tolerance 0.01) whose epsilon is
+    <= target.
+    """
+    if not (target_epsilon > 0):
+        raise ValueError(f"target-epsilon must be > 0, got {target_epsilon!r}")
+    if not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not (0 < sample_rate <= 1):
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate!r}")
+    if int(steps) != steps or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=float(target_epsilon),
+            target_delta=float(delta),
+            sample_rate=float(sample_rate),
+            steps=int(steps),
+            accountant=accountant,
+        )
+    )
+
+
+def round_plan(data_loader: DataLoader, epochs: int) -> tuple[float, int]:
+    """``(sample_rate, steps)`` that `make_private` + ``epochs`` epochs will take.
+
+    Opacus sets q = 1/len(data_loader) (batch_size/N) and, under Poisson sampling, every
+    epoch of the DP loader yields exactly len(data_loader) = 1/q batches of RANDOM size
+    (expected batch_size; possibly empty). With ``poisson_sampling=False`` the loader is
+    unchanged and the accountant still assumes Poisson sampling at the same q.
+    """
+    n = len(data_loader)
+    if n == 0:
+        raise ValueError("empty data loader")
+    return 1.0 / n, int(epochs) * n
+
+
+# --------------------------------------------------------------------------------------------
+# make_private
+# --------------------------------------------------------------------------------------------
+
+
+class _RoundStepHook:
+    """The DP optimizer's step hook: feeds the throw-away accountant, counts, guards."""
+
+    def __init__(self, inner: Callable[[DPOptimizer], None] | None, max_steps: int | None):
+        self.inner = inner
+        self.max_steps = max_steps
+        self.steps = 0
+
+    def __call__(self, optim: DPOptimizer) -> None:
+        # Runs after clipping and noising, before the parameters change: raising here means
+        # the extra step never touches the model.
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            raise StepLimitExceeded(
+                f"step {self.steps + 1} refused: only {self.max_steps} steps were charged "
+                f"to the site budget for this round"
+            )
+        self.steps += 1
+        if self.inner is not None:
+            self.inner(optim)
+
+
+def incompatible_layers(model: nn.Module) -> list[str]:
+    """``["name (Type): reason", ...]`` for every layer Opacus refuses (empty when fine)."""
+    out = []
+    if not model.training:
+        out.append("<model>: must be in training mode (call model.train())")
+    for name, sub in trainable_modules(model):
+        validator = ModuleValidator.VALIDATORS.get(type(sub))
+        if validator is None:
+            continue
+        for err in validator(sub):
+            reason = str(err).split(". ")[0].strip()
+            out.append(f"{name or '<root>'} ({type(sub).__name__}): {reason}")
+    return out
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str = "hooks",
+    poisson_sampling: bool = True,
+    *,
+    criterion: nn.Module | None = None,
+    max_steps: int | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> tuple[Any, ...]:
+    """Wrap (model, optimizer, data_loader) for DP-SGD with a fresh `opacus.PrivacyEngine`.
+
+    Returns ``(model, optimizer, data_loader)``; with ``grad_sample_mode="ghost"`` returns
+    ``(model, optimizer, criterion, data_loader)`` like Opacus and REQUIRES ``criterion``:
+    the returned criterion must be used for the loss, because backward on the original
+    criterion silently skips clipping.
+
+    Steps per epoch: under Poisson sampling (the default, assumed by the accountant) the
+    returned loader yields exactly len(data_loader) = 1/q batches per epoch, each of random
+    size with expectation batch_size (see `round_plan`).
+
+    ``max_steps``: the number of steps charged for this round; a further optimizer step
+    raises `StepLimitExceeded` before it changes the parameters. `steps_taken(optimizer)`
+    reports the steps done. The engine's own accountant is discarded (the site budget is the
+    record), so never read epsilon from it.
+
+    Raises `IncompatibleModelError` listing every layer Opacus refuses (BatchNorm, LSTM...;
+    ``opacus.validators.ModuleValidator.fix`` swaps most of them).
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+        )
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise-multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max-grad-norm must be a finite number > 0, got {max_grad_norm!r}")
+    if grad_sample_mode == "ghost" and criterion is None:
+        raise ValueError(
+            "grad_sample_mode='ghost' needs criterion=...: use the returned criterion for "
+            "the loss, or clipping is silently skipped"
+        )
+    try:
+        ModuleValidator.validate(model, strict=True)
+    except UnsupportedModuleError:
+        layers = incompatible_layers(model) or ["(see ModuleValidator.validate)"]
+        raise IncompatibleModelError(
+            "model is not compatible with Opacus DP-SGD; incompatible layers:\n  "
+            + "\n  ".join(layers)
+            + "\nopacus.validators.ModuleValidator.fix(model) replaces most of them "
+            "(BatchNorm -> GroupNorm, LSTM -> DPLSTM, MultiheadAttention -> DPMultiheadAttention)"
+        ) from None
+
+    engine = PrivacyEngine(accountant="prv")  # throw-away: one round's steps only
+    kwargs: dict[str, Any] = {}
+    if criterion is not None:
+        kwargs["criterion"] = criterion
+    wrapped = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator,
+        **kwargs,
+    )
+    dp_optimizer = wrapped[1]
+    dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps))
+    return wrapped
+
+
+def steps_taken(optimizer: DPOptimizer) -> int:
+    """DP-SGD steps taken by an optimizer returned by `make_private`."""
+    hook = getattr(optimizer, "step_hook", None)
+    if not isinstance(hook, _RoundStepHook):
+        raise TypeError("optimizer was not returned by privacy.dp_training.make_private")
+    return hook.steps
+
+
+# --------------------------------------------------------------------------------------------
+# Checking per-sample clipping against the obvious implementation
+# --------------------------------------------------------------------------------------------
+
+
+def per_sample_grads_bruteforce(
+    model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """Per-example gradients computed the slow way: one backward per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        loss = criterion(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append([torch.zeros_like(p) if g is None else g.detach().clone()
+                    for p, g in zip(params, grads)])
+    return out
+
+
+def clipped_mean_bruteforce(
+    per_sample: list[list[torch.Tensor]], max_grad_norm: float
+) -> list[torch.Tensor]:
+    """Flat per-example clipping (Opacus's factor C/(norm+1e-6)) then average."""
+    total = None
+    for grads in per_sample:
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        clipped = [g.double() * factor for g in grads]
+        total = clipped if total is None else [a + b for a, b in zip(total, clipped)]
+    return [t / len(per_sample) for t in total]
+
+
+def check_per_sample_clipping(
+    model_factory: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_sample_mode: str = "hooks",
+    criterion: nn.Module | None = None,
+) -> float:
+    """Max relative error between a DP step's gradient and brute-force clip-and-average.
+
+    Noise 0, ``max_grad_norm`` = median per-sample norm (so about half the examples are
+    clipped). ~1e-5 when Opacus really clips per sample; O(0.1-1) when it does not (e.g. a
+    model that folds time into the batch). Use it on every registry model.
+    """
+    criterion = criterion or nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    ref = model_factory().train()
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    per_sample = per_sample_grads_bruteforce(ref, criterion, x, y)
+    norms = torch.stack(
+        [torch.sqrt(sum((g.double() ** 2).sum() for g in gs)) for gs in per_sample]
+    )
+    c = float(norms.median())
+    expected = clipped_mean_bruteforce(per_sample, c)
+
+    model = model_factory().train()
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    wrapped = make_private(
+        model, opt, loader, noise_multiplier=0.0, max_grad_norm=c,
+        grad_sample_mode=grad_sample_mode, poisson_sampling=False,
+        criterion=criterion if grad_sample_mode == "ghost" else None,
+    )
+    dp_model, dp_opt = wrapped[0], wrapped[1]
+    loss_fn = wrapped[2] if grad_sample_mode == "ghost" else criterion
+    dp_opt.zero_grad()
+    loss = loss_fn(dp_model(x), y)
+    loss.backward()
+    dp_opt.step()
+    got = [torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.double()
+           for p in dp_model.parameters() if p.requires_grad]
+    return gradient_rel_error(got, expected)
+
+
+def gradient_rel_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """||got - expected|| / ||expected|| over all tensors (flattened together)."""
+    num = torch.sqrt(sum(((g.double() - e.double()) ** 2).sum() for g, e in zip(got, expected)))
+    den = torch.sqrt(sum((e.double() ** 2).sum() for e in expected))
+    return float(num / den)
+
+
+# --------------------------------------------------------------------------------------------
+# Central DP: clip a site's model update
+# --------------------------------------------------------------------------------------------
+
+
+def clip_update(
+    new_params: list[np.ndarray], old_params: list[np.ndarray], clip_norm: float
+) -> tuple[list[np.ndarray], float]:
+    """Return ``old + clip(new - old)`` and the pre-clip update L2 norm (all arrays flat).
+
+    The update is scaled by ``min(1, clip_norm / norm)`` in float64; if rounding
+    ``old + update`` back to the parameter dtype pushes the update norm (measured in float64
+    on the returned arrays) over ``clip_norm``, the scale is shrunk until it does not, so the
+    guarantee holds for what is actually sent.
+    Arrays keep their dtype and shape. Non-float arrays (integer buffers) are refused: they
+    could carry unclipped information.
+    """
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"update-clip-norm must be a finite number > 0, got {clip_norm!r}")
+    if len(new_params) != len(old_params):
+        raise ValueError(f"{len(new_params)} new arrays vs {len(old_params)} old arrays")
+    for i, (n, o) in enumerate(zip(new_params, old_params)):
+        if n.shape != o.shape:
+            raise ValueError(f"array {i}: shape {n.shape} vs {o.shape}")
+        if not (np.issubdtype(n.dtype, np.floating) and np.issubdtype(o.dtype, np.floating)):
+            raise TypeError(f"array {i}: non-float dtype {n.dtype}/{o.dtype} cannot be clipped")
+    deltas = [n.astype(np.float64) - o.astype(np.float64) for n, o in zip(new_params, old_params)]
+    norm = float(math.sqrt(sum(float(np.dot(d.ravel(), d.ravel())) for d in deltas)))
+    if not math.isfinite(norm):
+        raise ValueError("the model update has a NaN/inf entry; refusing to clip it")
+    if norm <= clip_norm:
+        return [n.copy() for n in new_params], norm
+    scale = clip_norm / norm
+    out = []
+    for d, o in zip(deltas, old_params):
+        o64 = o.astype(np.float64)
+        r = (o64 + d * scale).astype(o.dtype)
+        out.append(r)
+    # Rounding back to the dtype can move the update by up to half an ulp of |old + d|
+    # per entry. If that pushes the norm over the clip, shrink until it does not.
+    for _ in range(60):
+        got = math.sqrt(
+            sum(float(np.sum((r.astype(np.float64) - o.astype(np.float64)) ** 2))
+                for r, o in zip(out, old_params))
+        )
+        if got <= clip_norm:
+            break
+        scale *= clip_norm / got * (1 - 1e-7) if got > clip_norm * (1 + 1e-6) else (1 - 1e-6)
+        out = [(o.astype(np.float64) + d * scale).astype(o.dtype)
+               for d, o in zip(deltas, old_params)]
+    else:  # could not fit after rounding: send no update at all (the safe fallback)
+        out = [o.copy() for o in old_params]
+    return out, norm

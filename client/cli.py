@@ -5,6 +5,8 @@
     fedvid simulate [--sites N] ...   run a simulated federation through Flower
     fedvid anonymize IN OUT           blur the faces in a video or image
     fedvid audit RUN_DIR              check a run's privacy ledger
+    fedvid export RUN_DIR --out DIR   distill and quantize the final model to int8 ONNX
+    fedvid predict MODEL.onnx VIDEO   classify a video's clips with an exported model
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run_audit_command(args.run_dir, as_json=args.json, plot=args.plot)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import export_run
+
+    report = export_run(args.run_dir, args.out, transfer=args.transfer, student=args.student, epochs=args.epochs)
+    print((args.out / "report.md").read_text())
+    return 0 if report else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from models.predict import predict_command
+
+    return predict_command(args.model, args.video)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedvid", description="Federated, privacy-preserving video training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the built-in synthetic video dataset")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--videos-per-class", type=int, default=100)
+    p.add_argument("--videos-per-class", type=int, default=300)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("simulate", help="run a simulated federation through Flower")
@@ -89,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", type=Path, default=None, help="write epsilon per round per site as a PNG")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="distill the run's model into a small student and quantize both to int8 ONNX")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="where the .onnx files and report.json/report.md go")
+    p.add_argument("--transfer", type=Path, default=None, help="public video folder to distill on (default: built-in synthetic data)")
+    p.add_argument("--student", default=None, help="student architecture, e.g. cnn3d-tiny (default: one size down)")
+    p.add_argument("--epochs", type=int, default=12, help="distillation epochs")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="classify every clip of a video with an exported ONNX model (no torch needed)")
+    p.add_argument("model", type=Path)
+    p.add_argument("video", type=Path)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

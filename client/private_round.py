@@ -101,10 +101,14 @@ def train_round(
             noise_multiplier=sigma, sample_rate=sample_rate, requested_steps=steps, max_grad_norm=config.max_grad_norm,
         )
         return RoundOutcome(None, site.log(record))
-    model, optimizer, loader = make_private(
+    model.train()  # Opacus validates the mode: a model just evaluated must train again
+    private_model, optimizer, loader = make_private(
         model, optimizer, loader, sigma, config.max_grad_norm, config.grad_sample_mode, max_steps=steps
     )
-    stats = train_epochs(model, loader, optimizer, config.local_epochs, device)
+    try:
+        stats = train_epochs(private_model, loader, optimizer, config.local_epochs, device)
+    finally:
+        private_model.remove_hooks()  # `model` trained in place; leave it a plain module again
     budget.confirm(server_round, run_id, steps_taken(optimizer))
     record = site_record_from_charge(
         budget, charge, site_id=site.site_id, run_id=run_id, round=server_round, max_grad_norm=config.max_grad_norm

@@ -18,12 +18,12 @@ class RunConfig:
     """A validated run config; attribute `num_server_rounds` is key `num-server-rounds`."""
 
     task: str = "classify"
-    model: str = "cnn-transformer"
+    model: str = "cnn3d"
     model_size: str = "small"
     num_server_rounds: int = 8
     local_epochs: int = 3
-    learning_rate: float = 0.001
-    batch_size: int = 16
+    learning_rate: float = 0.003
+    batch_size: int = 64
     clip_frames: int = 8
     frame_stride: int = 2
     frame_size: int = 48

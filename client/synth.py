@@ -85,7 +85,7 @@ def _render_video(label: int, rng: np.random.Generator, with_face: bool) -> list
     colour = rng.choice([20, 235], size=3).astype(np.float64)
     if colour.std() == 0:
         colour[rng.integers(3)] = 255 - colour[0]
-    skin = 0.7 * colour + 0.3 * _texture(rng, FRAME_SIZE * 4, int(rng.integers(8, 24)))
+    skin = 0.85 * colour + 0.15 * _texture(rng, FRAME_SIZE * 4, int(rng.integers(16, 32)))
     mask_full = _object_mask(rng, 16)
     centres, radii = _trajectory(label, rng)
     face = _face_patch(30) if with_face else None
@@ -127,7 +127,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = FPS) -> None:
 def write_synthetic_dataset(
     out_dir: Path,
     seed: int = 0,
-    videos_per_class: int = 100,
+    videos_per_class: int = 300,
     face_fraction: float = 0.25,
     suffix: str = ".mp4",
     progress: bool = False,

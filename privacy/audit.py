@@ -638,7 +638,7 @@ def run_audit_command(
     if as_json:
         print(report.to_json())
     else:
-        Console().print(render_table(report))
+        Console(width=max(Console().width, 140)).print(render_table(report))
     if plot is not None:
         plot_epsilon(report, Path(plot))
     return exit_code(report)

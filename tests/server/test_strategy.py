@@ -1,0 +1,38 @@
+"""The server strategy: refusing sites are left out, counts add up, ledger records are kept."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from server.strategy import RecordingFedAvg
+
+
+def reply(site: str, value: float, refused: bool = False, examples: int = 10) -> Message:
+    metadata = Metadata(run_id=1, message_id=site, src_node_id=hash(site) % 1000, dst_node_id=0,
+                        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60, message_type="train")
+    content = RecordDict({
+        "arrays": ArrayRecord([np.full(3, value, dtype=np.float32)]),
+        "metrics": MetricRecord({"train-loss": value, "faces-blurred": 2, "num-examples": 0 if refused else examples}),
+        "site": ConfigRecord({"site-id": site, "refused": refused, "ledger-record": json.dumps({"site_id": site})}),
+    })
+    return Message(content=content, metadata=metadata)
+
+
+def test_refusing_site_is_not_averaged_in_and_is_recorded():
+    strategy = RecordingFedAvg(min_available_nodes=1)
+    arrays, metrics = strategy.aggregate_train(1, [reply("a", 1.0), reply("b", 3.0, examples=30), reply("c", 100.0, refused=True)])
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 2.5)  # (1*10 + 3*30) / 40
+    assert metrics["faces-blurred"] == 4  # counts add up
+    assert strategy.round_metrics["sites-trained"] == 2 and strategy.round_metrics["sites-refused"] == 1
+    assert [r["site_id"] for r in strategy.ledger_records] == ["a", "b", "c"]
+
+
+def test_a_round_where_every_site_refuses_keeps_the_model():
+    strategy = RecordingFedAvg(min_available_nodes=1)
+    arrays, metrics = strategy.aggregate_train(1, [reply("a", 1.0, refused=True)])
+    assert arrays is None and metrics is None
+    assert strategy.round_metrics["sites-refused"] == 1

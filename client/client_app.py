@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     model = global_model(msg, config, len(data.classes)).to(device)
     name = site_id(context.node_config, context.node_id)
     privacy = SitePrivacy.from_node_config(
-        context.node_config, name, default_privacy_dir(context.node_config, name, context.run_id), config.delta
+        context.node_config, name, default_privacy_dir(context.node_config, name, config, context.run_id), config.delta
     )
     started = time.perf_counter()
     outcome = train_round(model, data.train, data.fingerprint, config, privacy, str(context.run_id), server_round, device)

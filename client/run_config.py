@@ -13,6 +13,9 @@ from typing import Any, Mapping
 from models.registry import ModelSpec, check_model_choice
 
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A validated run config; attribute `num_server_rounds` is key `num-server-rounds`."""
@@ -47,6 +50,9 @@ class RunConfig:
     grad_sample_mode: str = "hooks"
     update_clip_norm: float = 10.0
     server_noise_multiplier: float = 0.0
+    aggregation: str = "fedavg"
+    resume: bool = False
+    round_timeout: float = 3600.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -88,6 +94,15 @@ class RunConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{_key(name)} = {getattr(self, name)} must be in [0, 1)")
         self.check_dp()
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation = {self.aggregation!r} must be one of {', '.join(AGGREGATIONS)}")
+        if self.aggregation != "fedavg" and self.dp and self.server_noise_multiplier > 0:
+            # The central noise is calibrated to the sensitivity of a mean of clipped updates.
+            raise ValueError(f"aggregation = {self.aggregation!r} cannot be combined with server-noise-multiplier > 0")
+        if self.resume and not self.run_dir:
+            raise ValueError("resume = true needs run-dir: the directory of the run to continue")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round-timeout = {self.round_timeout} must be > 0 seconds")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{_key(name)} = {getattr(self, name)} must be in (0, 1]")

@@ -110,12 +110,15 @@ def site_id(node_config: Mapping, node_id: int) -> str:
     return f"node-{node_id}"
 
 
-def default_privacy_dir(node_config: Mapping, site: str, run_id: int) -> Path:
+def default_privacy_dir(node_config: Mapping, site: str, config: RunConfig, run_id: int) -> Path:
     """Where a site keeps its budget and ledger when its node config names no `privacy-dir`.
 
     A real site (node config `data-dir`) keeps one state across all runs on its data. A
-    simulated site is a fresh virtual site in every run.
+    simulated site is a fresh virtual site of its run: its state lives in the run directory
+    (`sites/SITE/`), so a resumed run finds the budget its sites already spent.
     """
     if node_config.get("data-dir"):
         return fedvid_home() / "privacy" / site
+    if config.run_dir:
+        return Path(config.run_dir).expanduser() / "sites" / site
     return fedvid_home() / "privacy" / "simulations" / str(run_id) / site

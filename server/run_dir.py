@@ -2,7 +2,9 @@
 
     config.json        the resolved run config, classes and model spec
     metrics.jsonl      one JSON object per round (round 0 is the initial model)
-    checkpoints/       round-001.pt, ... the global model after each round
+    checkpoints/       round-001.pt, ... the global model after each round, with the round,
+                       the ledger head and the central accountant's rounds: a resumed run
+                       continues from the last one (`resume_point`)
     model.pt           the final global model
     metrics.png        accuracy and loss per round
     status.json        "running", then "completed" or "failed"
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +51,10 @@ def load_model_file(path: Path) -> tuple[torch.nn.Module, dict]:
 class RunDirectory:
     """Writes one run's files; every write is atomic or an append of a whole line."""
 
-    def __init__(self, path: Path, config: dict, spec: ModelSpec, classes: tuple[str, ...]):
+    def __init__(self, path: Path, config: dict, spec: ModelSpec, classes: tuple[str, ...], resumed: bool = False):
         self.path = Path(path)
+        if not resumed and (self.path / "status.json").exists():
+            raise FileExistsError(f"{self.path} already holds a run; continue it with resume = true or choose another run-dir")
         self.spec, self.classes = spec, classes
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_json_atomic(
@@ -61,10 +66,11 @@ class RunDirectory:
     def set_status(self, status: str, **info: Any) -> None:
         write_json_atomic(self.path / "status.json", {"status": status, **info})
 
-    def record_round(self, server_round: int, metrics: dict, state_dict: dict | None) -> None:
-        """Append the round's metrics and save its checkpoint (round 0: metrics only)."""
+    def record_round(self, server_round: int, metrics: dict, state_dict: dict | None, **checkpoint: Any) -> None:
+        """Save the round's checkpoint (with `checkpoint` info), then append its metrics (round 0: metrics only)."""
         if state_dict is not None and server_round > 0:
-            save_model(self.path / "checkpoints" / f"round-{server_round:03d}.pt", state_dict, self.spec, self.classes, round=server_round)
+            save_model(self.path / "checkpoints" / f"round-{server_round:03d}.pt", state_dict, self.spec, self.classes,
+                       round=server_round, **checkpoint)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"round": server_round, **metrics}) + "\n")
             f.flush()
@@ -75,6 +81,49 @@ class RunDirectory:
         save_model(self.path / "model.pt", state_dict, self.spec, self.classes)
         plot_metrics(self.path / "metrics.jsonl", self.path / "metrics.png")
         self.set_status("completed", **info)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: the last complete round's checkpoint."""
+
+    round: int
+    state_dict: dict
+    ledger_head: tuple[int, str]
+    central_rounds: int
+    run_id: str
+    checkpoint: Path
+
+
+def resume_point(run_path: Path, spec: ModelSpec, classes: tuple[str, ...]) -> ResumePoint | None:
+    """The last complete round of the run in `run_path`, checked against its ledger; None if none.
+
+    Raises ValueError when the checkpoint was made for another model or class list, and when
+    the ledger does not contain the head recorded in the checkpoint (records lost or edited).
+    Ledger records after that head (a round that crashed after the sites reported) are kept:
+    the sites did spend that budget.
+    """
+    from privacy.ledger import verify_chain
+
+    checkpoints = sorted(Path(run_path, "checkpoints").glob("round-*.pt"))
+    for path in reversed(checkpoints):
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - a checkpoint torn by a crash: fall back to the previous one
+            continue
+        if "ledger_head" not in content:
+            continue
+        if content["spec"] != dataclasses.asdict(spec) or tuple(content["classes"]) != tuple(classes):
+            raise ValueError(f"{path} was made for model {content['spec']} and classes {content['classes']}, "
+                             f"not for this run's {dataclasses.asdict(spec)} and {list(classes)}")
+        head = (int(content["ledger_head"][0]), str(content["ledger_head"][1]))
+        chain = verify_chain(Path(run_path) / "ledger.jsonl", expected_head=head)
+        if not chain.ok:
+            raise ValueError(f"cannot resume {run_path}: the ledger does not continue checkpoint {path.name} "
+                             f"({chain.reason} at line {chain.bad_line})")
+        return ResumePoint(int(content["round"]), content["state_dict"], head, int(content["central_rounds"]),
+                           str(content["run_id"]), path)
+    return None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The ServerApp: the coordinator. FedAvg over the sites, central evaluation, the run directory."""
+"""The ServerApp: the coordinator. FedAvg (or a robust aggregator) over the sites, central
+evaluation, the run directory, and resuming a run from its last complete round."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from client.run_config import RunConfig
 from client.site import clip_spec, federation_split, fedvid_home, site_anonymizer
 from client.train import evaluate, pick_device
 from models.registry import build_model
-from server.run_dir import RunDirectory
 from server.central_privacy import CentralPrivacy
-from server.strategy import RecordingFedAvg
+from server.polling_grid import PollingGrid
+from server.run_dir import RunDirectory, resume_point
+from server.strategy import RoundOffset, make_strategy
+from server.update_guard import NORM_SLACK, UpdateGuard
 
 app = ServerApp()
 
@@ -50,20 +53,36 @@ def round_line(server_round: int, rounds: int, metrics: dict, seconds: float) ->
     return " | ".join(parts)
 
 
+def update_norm_limit(config: RunConfig) -> float | None:
+    """The largest update norm accepted: sites clip to `update-clip-norm` in DP runs."""
+    return config.update_clip_norm * NORM_SLACK if config.dp else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedAvg for `num-server-rounds` and write the run directory."""
+    """Run `num-server-rounds` rounds (or the rest of them, with `resume`) and write the run directory."""
     config = RunConfig.from_mapping(context.run_config)
+    resume = config.resume
     classes, test_set = central_test_set(config)
     spec = config.model_spec(len(classes))
     torch.manual_seed(config.seed)
     model = build_model(spec)
     run_path = Path(config.run_dir).expanduser() if config.run_dir else default_run_dir(context.run_id)
-    run = RunDirectory(run_path, config.to_mapping(), spec, classes)
+    point = resume_point(run_path, spec, classes) if resume else None
+    if point is not None:
+        model.load_state_dict(point.state_dict)
+        log(INFO, "fedvid: resuming %s after round %s (ledger at seq %s)", run_path, point.round, point.ledger_head[0])
+    done = point.round if point else 0
+    run = RunDirectory(run_path, config.to_mapping(), spec, classes, resumed=resume)
     log(INFO, "fedvid: run directory %s", run.path)
+    if done >= config.num_server_rounds:
+        run.finish(model.state_dict())
+        log(INFO, "fedvid: all %s rounds were complete already", config.num_server_rounds)
+        return
 
     # Uniform weights when the server adds noise: its noise is calibrated to clip / sites.
-    strategy = RecordingFedAvg(
+    strategy = make_strategy(
+        config.aggregation,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_sites,
@@ -71,14 +90,22 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=config.min_sites,
         weighted_by_key="site-weight" if config.server_noise_multiplier > 0 else "num-examples",
     )
-    central = CentralPrivacy(config, run.path / "ledger.jsonl", str(context.run_id), total_sites=len(list(grid.get_node_ids())))
-    running = central.wrap(strategy)
+    ledger_run_id = point.run_id if point else str(context.run_id)  # one logical run across restarts
+    central = CentralPrivacy(config, run.path / "ledger.jsonl", ledger_run_id, total_sites=len(list(grid.get_node_ids())))
+    central.rounds = point.central_rounds if point else 0
+    guard = UpdateGuard(central.wrap(strategy), update_norm_limit(config))
+    running = RoundOffset(guard, done) if done else guard
     device = pick_device()
     clock = {"start": time.perf_counter()}
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def after_round(step: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Central evaluation, checkpoint and metrics line; Flower calls it after each round."""
+        server_round = step + done
+        if step == 0 and done:
+            return None  # the resumed model is round `done`, already evaluated and recorded
         metrics = dict(strategy.round_metrics) if server_round > 0 else {}
+        if server_round > 0:
+            metrics.update(guard.round_report())
         if test_set is not None:
             model.load_state_dict(arrays.to_torch_state_dict())
             stats = evaluate(model, test_set.dataset(), device)
@@ -87,26 +114,31 @@ def main(grid: Grid, context: Context) -> None:
         if f"{headline}-accuracy" in metrics:
             metrics.update(accuracy=metrics[f"{headline}-accuracy"], loss=metrics[f"{headline}-loss"])
         if server_round > 0:
-            metrics.update(central.record_round(server_round, strategy.ledger_records))
+            metrics.update(central.record_round(server_round, strategy.ledger_records + guard.rejected_ledger_records))
         seconds = time.perf_counter() - clock["start"]
         metrics["seconds"] = seconds
-        run.record_round(server_round, {**metrics, "sites": strategy.site_metrics if server_round else []},
-                         arrays.to_torch_state_dict() if server_round else None)
+        run.record_round(
+            server_round, {**metrics, "sites": strategy.site_metrics if server_round else []},
+            arrays.to_torch_state_dict() if server_round else None,
+            ledger_head=list(central.ledger.head()), central_rounds=central.rounds, run_id=ledger_run_id,
+        )
         log(INFO, "fedvid: %s", round_line(server_round, config.num_server_rounds, metrics, seconds))
         clock["start"] = time.perf_counter()
-        return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     try:
         model.to(device)
         result = running.start(
-            grid=grid,
+            grid=PollingGrid(grid),
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=config.num_server_rounds,
+            num_rounds=config.num_server_rounds - done,
+            timeout=config.round_timeout,
             train_config=ConfigRecord({"learning-rate": config.learning_rate}),
             evaluate_fn=after_round,
         )
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    run.finish(result.arrays.to_torch_state_dict())
+    # No round aggregated anything (every update refused or rejected): the model is unchanged.
+    run.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.cpu().state_dict())
     log(INFO, "fedvid: run completed, results in %s", run.path)

@@ -1,12 +1,18 @@
-"""FedAvg that keeps what the run directory needs: per-round and per-site metrics."""
+"""The coordinator's strategies: FedAvg or a robust aggregator, recording what the run needs.
+
+`make_strategy(aggregation, ...)` builds FedAvg, FedMedian, FedTrimmedAvg or Krum with the
+same recording behaviour (per-round and per-site metrics, the sites' ledger records, refusing
+sites left out). `RoundOffset` lets a resumed run number its rounds after the checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 # Counts add up across sites; everything else is averaged weighted by examples.
 SUMMED_METRICS = ("num-examples", "faces-blurred", "videos-skipped")
@@ -33,8 +39,8 @@ def site_name(msg: Message) -> str:
     return str(site["site-id"]) if site else f"node-{msg.metadata.src_node_id}"
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg whose last round's aggregated and per-site metrics can be read back."""
+class RecordingStrategy:
+    """Mixin for a FedAvg-family strategy: its last round's metrics can be read back."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_site_metrics)
@@ -68,6 +74,67 @@ class RecordingFedAvg(FedAvg):
         metrics = super().aggregate_evaluate(server_round, replies)
         self.round_metrics.update(_renamed(metrics, "num-examples", "val-examples"))
         return metrics
+
+
+class RecordingFedAvg(RecordingStrategy, FedAvg):
+    """FedAvg whose last round's aggregated and per-site metrics can be read back."""
+
+
+class RecordingFedMedian(RecordingStrategy, FedMedian):
+    """Coordinate-wise median of the site models (Flower's FedMedian)."""
+
+
+class RecordingFedTrimmedAvg(RecordingStrategy, FedTrimmedAvg):
+    """Coordinate-wise mean after trimming the `beta` largest and smallest (FedTrimmedAvg)."""
+
+
+class RecordingKrum(RecordingStrategy, Krum):
+    """The site model closest to its neighbours (Flower's Krum)."""
+
+
+# Run-config key `aggregation`: value -> strategy class.
+AGGREGATIONS = {
+    "fedavg": RecordingFedAvg,
+    "median": RecordingFedMedian,
+    "trimmed-mean": RecordingFedTrimmedAvg,
+    "krum": RecordingKrum,
+}
+
+
+def make_strategy(aggregation: str = "fedavg", **kwargs) -> RecordingStrategy:
+    """The recording strategy for run-config `aggregation` (fedavg, median, trimmed-mean, krum)."""
+    try:
+        kind = AGGREGATIONS[aggregation]
+    except KeyError:
+        raise ValueError(f"aggregation = {aggregation!r} must be one of {', '.join(AGGREGATIONS)}") from None
+    return kind(**kwargs)
+
+
+class RoundOffset(Strategy):
+    """Runs `strategy` with its rounds numbered from `offset + 1` (a resumed run).
+
+    Flower's `Strategy.start` always counts from 1; sites seed, charge their budget and
+    write their ledger records by the round number they are sent, so a resumed run must
+    send the true round numbers.
+    """
+
+    def __init__(self, strategy: Strategy, offset: int):
+        self.strategy, self.offset = strategy, offset
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 def _refused(msg: Message) -> bool:

@@ -118,15 +118,15 @@ def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_
     """Run a simulated federation of `sites` sites; return 0 when the run completed."""
     from client.site import builtin_data_dir, fedvid_home
 
-    config = resolve_run_config(overrides)
+    config = resolve_run_config(f'{overrides} run-dir="{Path(out).resolve()}"' if out else overrides)
     if sites < config.min_sites:
         raise ValueError(f"--sites {sites} is below min-sites = {config.min_sites}")
     if not config.data_dir:
         builtin_data_dir(progress=True)
     prepare_data(config, sites)
-    run_dir = Path(out or config.run_dir or fedvid_home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    if (run_dir / "status.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; choose another --out")
+    run_dir = Path(config.run_dir or fedvid_home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if (run_dir / "status.json").exists() and not config.resume:
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --out, or resume=true to continue it")
     flwr_home = Path(tempfile.mkdtemp(prefix="fedvid-flwr-"))
     env = _flower_env(flwr_home)
     superlink, _ = _start_superlink(flwr_home, env)

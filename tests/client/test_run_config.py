@@ -34,6 +34,10 @@ def test_overrides_are_parsed_like_flower_does():
         ({"noise-multiplier": -0.5}, "noise-multiplier"),
         ({"update-clip-norm": 0.0}, "update-clip-norm"),
         ({"grad-sample-mode": "ghost"}, "grad-sample-mode"),
+        ({"aggregation": "mean"}, "aggregation"),
+        ({"aggregation": "median", "server-noise-multiplier": 1.0}, "aggregation"),
+        ({"resume": True}, "resume"),
+        ({"round-timeout": 0.0}, "round-timeout"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(values, key):

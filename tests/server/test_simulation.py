@@ -14,20 +14,27 @@ from privacy.audit import audit_run
 from privacy.face_models import provision_face_models
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    data = write_synthetic_dataset(home / "data", seed=1, videos_per_class=4)
+def simulate(home, run_dir, overrides: str) -> None:
+    """`fedvid simulate` of 2 sites in a fresh FEDVID_HOME; fails the test if the run fails."""
     models = provision_face_models()
     env = dict(os.environ, FEDVID_HOME=str(home), FEDVID_FACE_MODELS=str(models["short_range"].parent))
-    run_dir = home / "run"
-    overrides = (f'num-server-rounds=2 local-epochs=1 model-size="tiny" frame-size=24 '
-                 f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
     result = subprocess.run(
         [sys.executable, "-m", "client.cli", "simulate", "--sites", "2", "--run-config", overrides, "--out", str(run_dir)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """2 rounds, run as 1 round and then resumed for the second, as after a coordinator crash."""
+    home = tmp_path_factory.mktemp("home")
+    data = write_synthetic_dataset(home / "data", seed=1, videos_per_class=4)
+    run_dir = home / "run"
+    overrides = (f'local-epochs=1 model-size="tiny" frame-size=24 target-epsilon=3.0 '
+                 f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
+    simulate(home, run_dir, f"{overrides} num-server-rounds=1")
+    simulate(home, run_dir, f"{overrides} num-server-rounds=2 resume=true")
     return run_dir
 
 
@@ -42,6 +49,13 @@ def test_run_directory_is_complete(finished_run):
     assert rounds[-1]["sites-trained"] == 2
     assert {s["site"] for s in rounds[-1]["sites"]} == {"site-0", "site-1"}
     assert json.loads((finished_run / "config.json").read_text())["run-config"]["num-server-rounds"] == 2
+
+
+def test_resumed_sites_keep_their_budget(finished_run):
+    rounds = [json.loads(line) for line in (finished_run / "ledger.jsonl").read_text().splitlines()]
+    spent = [r["epsilon_cumulative"] for r in rounds if r["kind"] == "site" and r["site_id"] == "site-0"]
+    assert len(spent) == 2 and 3.0 * 0.9 < spent[0] < spent[1] <= 8.0
+    assert (finished_run / "sites" / "site-0" / "ledger.jsonl").is_file()  # the site's own copy
 
 
 def test_private_by_default_and_the_ledger_audits_clean(finished_run):

@@ -36,3 +36,10 @@ def test_a_round_where_every_site_refuses_keeps_the_model():
     arrays, metrics = strategy.aggregate_train(1, [reply("a", 1.0, refused=True)])
     assert arrays is None and metrics is None
     assert strategy.round_metrics["sites-refused"] == 1
+
+
+def test_every_aggregation_the_run_config_accepts_exists():
+    from client.run_config import AGGREGATIONS as accepted
+    from server.strategy import AGGREGATIONS as built
+
+    assert set(accepted) == set(built)

@@ -23,7 +23,7 @@ class RunConfig:
     task: str = "classify"
     model: str = "cnn3d"
     model_size: str = "small"
-    num_server_rounds: int = 8
+    num_server_rounds: int = 16
     local_epochs: int = 3
     learning_rate: float = 0.003
     batch_size: int = 64
@@ -47,7 +47,7 @@ class RunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "functorch"
     update_clip_norm: float = 10.0
     server_noise_multiplier: float = 0.0
     aggregation: str = "fedavg"

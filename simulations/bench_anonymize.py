@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from client.video import read_frames
 from privacy.anonymize import AnonymizerSettings
 from privacy.anonymize_video import anonymize_file
 from privacy.face_models import provision_face_models
@@ -120,19 +121,6 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
         truth.append(boxes)
     writer.release()
     return truth
-
-
-def read_frames(path: Path) -> list[np.ndarray]:
-    """Decode every frame of a video."""
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames
 
 
 def fine_detail(image: np.ndarray, box: tuple[int, int, int, int]) -> float:

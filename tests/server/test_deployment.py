@@ -47,7 +47,7 @@ def federation(tmp_path_factory, request):
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(federation):
-    intruder = federation.start_supernode("intruder", {"site-id": "intruder"})
+    federation.start_supernode("intruder", {"site-id": "intruder"})
     federation.wait_for_log("intruder", "Failed to activate SuperNode", 60)
     federation.kill("intruder")
     listed = federation.flwr("supernode", "list", "fedvid", "--format", "json")

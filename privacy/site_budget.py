@@ -37,9 +37,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,6 +45,7 @@ from typing import Iterable, Sequence
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from privacy.durable import atomic_write_json
 from privacy.ledger import encode_epsilon
 
 STATE_VERSION = 1
@@ -134,28 +133,6 @@ def _composed_epsilon(history: History, delta: float, accountant: str) -> float:
         if eps < 3.0:  # 0.01 absolute would be >0.3% relative
             eps = float(acc.get_epsilon(delta, eps_error=max(0.003 * eps, 1e-4)))
         return eps
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    """Write JSON to ``path`` atomically: tmp file in the same dir, fsync, os.replace, fsync dir."""
-    path = Path(path)
-    data = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,13 +22,7 @@ from typing import Any
 import torch
 
 from models.registry import ModelSpec
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+from privacy.durable import atomic_write_json
 
 
 def save_model(path: Path, state_dict: dict, spec: ModelSpec, classes: tuple[str, ...], **info: Any) -> None:
@@ -57,14 +51,14 @@ class RunDirectory:
             raise FileExistsError(f"{self.path} already holds a run; continue it with resume = true or choose another run-dir")
         self.spec, self.classes = spec, classes
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
+        atomic_write_json(
             self.path / "config.json",
             {"run-config": config, "classes": list(classes), "model": dataclasses.asdict(spec)},
         )
         self.set_status("running")
 
     def set_status(self, status: str, **info: Any) -> None:
-        write_json_atomic(self.path / "status.json", {"status": status, **info})
+        atomic_write_json(self.path / "status.json", {"status": status, **info})
 
     def record_round(self, server_round: int, metrics: dict, state_dict: dict | None, **checkpoint: Any) -> None:
         """Save the round's checkpoint (with `checkpoint` info), then append its metrics (round 0: metrics only)."""

@@ -7,6 +7,8 @@
     fedvid audit RUN_DIR              check a run's privacy ledger
     fedvid export RUN_DIR --out DIR   distill and quantize the final model to int8 ONNX
     fedvid predict MODEL.onnx VIDEO   classify a video's clips with an exported model
+    fedvid generate RUN_DIR --out DIR write sample videos from a trained generator
+    fedvid detect RUN_DIR VIDEO --out annotated.mp4   draw a trained detector's boxes on a video
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_command(args.model, args.video)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from models.inference import generate_from_run
+
+    result = generate_from_run(args.run_dir, args.out, args.per_class, args.seeds, args.classifier)
+    print(f"wrote {len(result['samples'])} sample videos to {args.out}")
+    if "class-conditional-accuracy" in result:
+        print(f"classifier accuracy on class-conditional samples: {result['class-conditional-accuracy']:.3f}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from models.inference import detect_from_run
+
+    frames = detect_from_run(args.run_dir, args.video, args.out, args.score_threshold)
+    print(f"{args.out}: {frames} frames with detections drawn")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedvid", description="Federated, privacy-preserving video training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="where the .onnx files and report.json/report.md go")
     p.add_argument("--transfer", type=Path, default=None, help="public video folder to distill on (default: built-in synthetic data)")
-    p.add_argument("--student", default=None, help="student architecture, e.g. cnn3d-tiny (default: one size down)")
+    p.add_argument("--student", default=None, help="student architecture, e.g. cnn2d-small or cnn3d-tiny (default: cnn2d at the teacher's size)")
     p.add_argument("--epochs", type=int, default=12, help="distillation epochs")
     p.set_defaults(func=cmd_export)
 
@@ -118,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("video", type=Path)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="write sample videos from a run's generator (task = generate)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for the .mp4 samples")
+    p.add_argument("--per-class", type=int, default=2, help="samples per class (default 2)")
+    p.add_argument("--seeds", type=Path, default=None,
+                   help="public folder-per-class videos whose first frames start each sample (default: synthetic)")
+    p.add_argument("--classifier", type=Path, default=None,
+                   help="a classify run on the same classes: report its accuracy on the class-conditional samples")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("detect", help="draw a run's detections (task = detect) on a video")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("video", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the annotated .mp4")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.set_defaults(func=cmd_detect)
     return parser
 
 

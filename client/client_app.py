@@ -15,8 +15,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client.run_config import RunConfig
 from client.private_round import SitePrivacy, train_round
 from client.site import SiteData, default_privacy_dir, load_site_data, site_anonymizer, site_id
-from client.train import evaluate, pick_device
+from client.train import pick_device
 from models.registry import build_model
+from models.tasks import get_task
 
 app = ClientApp()
 
@@ -69,7 +70,6 @@ def train(msg: Message, context: Context) -> Message:
     stats = outcome.stats
     metrics = {
         "train-loss": stats.loss if stats else 0.0,
-        "train-accuracy": stats.accuracy if stats else 0.0,
         "train-seconds": time.perf_counter() - started,
         "faces-blurred": data.train.faces_blurred + data.val.faces_blurred,
         "videos-skipped": len(data.train.skipped) + len(data.val.skipped),
@@ -87,11 +87,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the site's validation clips."""
+    """Evaluate the global model on the site's validation clips with the task's metrics."""
     config = RunConfig.from_mapping(context.run_config)
     data = site_data(config, context)
     device = pick_device(str(context.node_config.get("device", "")))
     model = global_model(msg, config, len(data.classes)).to(device)
-    stats = evaluate(model, data.val.dataset(), device)
-    metrics = {"val-loss": stats.loss, "val-accuracy": stats.accuracy, "num-examples": stats.examples}
+    metrics = {f"val-{key}": value for key, value in get_task(config.task).evaluate(model, data.val, device).items()}
+    metrics["num-examples"] = len(data.val)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

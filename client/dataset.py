@@ -68,6 +68,11 @@ class ClipSet:
         return ClipDataset(self.clips, self.labels)
 
 
+def clips_to_tensor(clips: np.ndarray) -> torch.Tensor:
+    """uint8 (N, T, S, S, 3) RGB -> float (N, 3, T, S, S) in [0, 1], the models' input."""
+    return torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3).float().div_(255)
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """(clip, label) pairs; a clip is float (3, T, S, S) in [0, 1]."""
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from client.dataset import ClipSet
 from client.run_config import RunConfig
 from client.train import EpochStats, make_optimizer, train_epochs
+from models.tasks import get_task
 from privacy.dp_training import calibrate_noise, make_private, round_plan, steps_taken, validate_dp_settings
 from privacy.ledger import PrivacyLedger, dp_off_record, site_record_from_charge, site_refusal_record
 from privacy.site_budget import BudgetExceeded, SiteBudget
@@ -76,10 +77,11 @@ def train_round(
     device: torch.device,
 ) -> RoundOutcome:
     """Train `local-epochs` on `train`, under DP-SGD unless the run config says `dp = false`."""
-    loader = DataLoader(train.dataset(), batch_size=config.batch_size, shuffle=True)
+    task = get_task(config.task)
+    loader = DataLoader(task.examples(train), batch_size=config.batch_size, shuffle=True)
     optimizer = make_optimizer(model, config.learning_rate)
     if not config.dp:
-        stats = train_epochs(model, loader, optimizer, config.local_epochs, device)
+        stats = train_epochs(model, loader, optimizer, config.local_epochs, device, task.step_loss)
         record = dp_off_record(run_id=run_id, round=server_round, site_id=site.site_id, epsilon_budget=site.epsilon_budget)
         return RoundOutcome(stats, site.log(record))
 
@@ -106,7 +108,7 @@ def train_round(
         model, optimizer, loader, sigma, config.max_grad_norm, config.grad_sample_mode, max_steps=steps
     )
     try:
-        stats = train_epochs(private_model, loader, optimizer, config.local_epochs, device)
+        stats = train_epochs(private_model, loader, optimizer, config.local_epochs, device, task.step_loss)
     finally:
         private_model.remove_hooks()  # `model` trained in place; leave it a plain module again
     budget.confirm(server_round, run_id, steps_taken(optimizer))

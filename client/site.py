@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Mapping
 
 from client.dataset import ClipSet, ClipSpec, FrameAnonymizer, VideoItem, file_digest, load_clips, partition_items, scan_video_folder, split_items
+from client.boxes import load_detection_clips, scan_detection_folder
 from client.run_config import RunConfig
+from client.synth_detect import is_complete as is_detection_complete, write_synthetic_detection_dataset
 from client.synth import is_complete, write_synthetic_dataset
 from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
 from privacy.site_budget import dataset_fingerprint
@@ -27,27 +29,47 @@ def fedvid_home() -> Path:
     return Path(os.environ.get("FEDVID_HOME", Path.home() / ".fedvid")).expanduser()
 
 
-def builtin_data_dir(progress: bool = False) -> Path:
-    """The built-in synthetic dataset, written on first use (once, even with many sites)."""
-    target = fedvid_home() / "data" / "synth"
-    if is_complete(target):
+def builtin_data_dir(progress: bool = False, task: str = "classify") -> Path:
+    """The built-in synthetic dataset of `task`, written on first use (once, even with many
+    sites): labelled motion videos, or for `detect` videos of moving objects with boxes."""
+    name, write = ("synth-detect", write_synthetic_detection_dataset) if task == "detect" else ("synth", write_synthetic_dataset)
+    target = fedvid_home() / "data" / name
+    complete = is_detection_complete if task == "detect" else is_complete
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".synth.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_complete(target):
-            write_synthetic_dataset(target, seed=0, progress=progress)
+        if not complete(target):
+            write(target, seed=0, progress=progress)
     return target
 
 
 def dataset_dir(config: RunConfig) -> Path:
-    """The run's dataset folder: `data-dir`, or the built-in data when it is empty."""
-    return Path(config.data_dir).expanduser() if config.data_dir else builtin_data_dir()
+    """The run's dataset folder: `data-dir`, or the task's built-in data when it is empty."""
+    return Path(config.data_dir).expanduser() if config.data_dir else builtin_data_dir(task=config.task)
+
+
+def scan_dataset(config: RunConfig, root: Path) -> tuple[tuple[str, ...], list[VideoItem]]:
+    """(classes, videos) of a dataset folder in the task's layout: videos with box
+    annotations for `detect`, one sub-folder per class for the other tasks."""
+    if config.task == "detect":
+        return scan_detection_folder(root, config.class_names())
+    return scan_video_folder(root, config.class_names())
+
+
+def load_task_clips(
+    config: RunConfig, items: list[VideoItem], spec: ClipSpec, anonymizer: FrameAnonymizer, cache: Path | None,
+    progress: bool = False,
+) -> ClipSet:
+    """Anonymized clips of `items`, with each clip's boxes for `detect`."""
+    load = load_detection_clips if config.task == "detect" else load_clips
+    return load(items, spec, anonymizer, cache, progress=progress)
 
 
 def federation_split(config: RunConfig) -> tuple[tuple[str, ...], list[VideoItem], list[VideoItem]]:
     """(classes, videos shared among sites, central test videos) of a simulated federation."""
-    classes, items = scan_video_folder(dataset_dir(config), config.class_names())
+    classes, items = scan_dataset(config, dataset_dir(config))
     shared, test = split_items(items, config.test_fraction, config.seed)
     return classes, shared, test
 
@@ -55,7 +77,7 @@ def federation_split(config: RunConfig) -> tuple[tuple[str, ...], list[VideoItem
 def site_items(config: RunConfig, node_config: Mapping) -> tuple[tuple[str, ...], list[VideoItem]]:
     """(classes, this site's videos) from the node config (deployment) or the partition (simulation)."""
     if node_config.get("data-dir"):
-        return scan_video_folder(Path(str(node_config["data-dir"])).expanduser(), config.class_names())
+        return scan_dataset(config, Path(str(node_config["data-dir"])).expanduser())
     classes, shared, _ = federation_split(config)
     parts = partition_items(
         shared, int(node_config["num-partitions"]), config.partition, config.dirichlet_alpha, config.seed
@@ -95,8 +117,8 @@ def load_site_data(config: RunConfig, node_config: Mapping, anonymizer: FrameAno
     if not train_items:
         raise ValueError(f"the site has {len(items)} videos: none left for training after val-fraction")
     spec, cache = clip_spec(config), cache_dir(node_config)
-    train = load_clips(train_items, spec, anonymizer, cache)
-    val = load_clips(val_items, spec, anonymizer, cache) if val_items else train
+    train = load_task_clips(config, train_items, spec, anonymizer, cache)
+    val = load_task_clips(config, val_items, spec, anonymizer, cache) if val_items else train
     fingerprint = dataset_fingerprint((f"{i.path.parent.name}/{i.path.name}", file_digest(i.path)) for i in train_items)
     return SiteData(classes, train, val, fingerprint)
 

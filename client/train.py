@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 
 def pick_device(requested: str = "") -> torch.device:
@@ -20,7 +20,6 @@ def pick_device(requested: str = "") -> torch.device:
 @dataclass
 class EpochStats:
     loss: float
-    accuracy: float
     examples: int
 
 
@@ -30,38 +29,24 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    step_loss: Callable[..., torch.Tensor],
 ) -> EpochStats:
-    """Train `epochs` passes over `loader`; return the mean loss and accuracy seen."""
+    """Train `epochs` passes over `loader` with the task's `step_loss(model, *batch)`;
+    return the mean training loss seen."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, seen = 0.0, 0
     for _ in range(epochs):
-        for clips, labels in loader:
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch
+        for batch in loader:
+            if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            clips, labels = clips.to(device), labels.to(device)
+            batch = [t.to(device) for t in batch]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(clips)
-            loss = F.cross_entropy(logits, labels)
+            loss = step_loss(model, *batch)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 64) -> EpochStats:
-    """Mean cross-entropy and accuracy of `model` on `dataset`."""
-    model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for clips, labels in DataLoader(dataset, batch_size=batch_size):
-        clips, labels = clips.to(device), labels.to(device)
-        logits = model(clips)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+            total_loss += loss.item() * len(batch[0])
+            seen += len(batch[0])
+    return EpochStats(total_loss / max(seen, 1), seen)
 
 
 def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:

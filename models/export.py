@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 # Which ops get int8 weights, measured on the registry's models (48 px, 8 frames, 1 thread,
-# onnxruntime 1.32, AVX-512 VNNI Xeon): ONNX Runtime's int8 3D convolution (QLinearConv) runs
-# 1.5-2.4x slower than its fp32 Conv3d, and quantizing every op (Add, Mul...) adds 1.5-2x in
-# Quantize/DequantizeLinear. Int8 MatMul/Gemm (the linear layers, most of a cnn-transformer's
-# weights) costs ~5% latency; Conv weights stay fp32 by default. Pass int8_ops to change it.
-QUANTIZED_OPS = ("MatMul", "Gemm")
+# onnxruntime 1.32, AVX-512 VNNI Xeon): ONNX Runtime's int8 2D convolution runs 1.3-2x faster
+# than fp32, but its int8 3D convolution (QLinearConv) 1.5-2.4x slower than its fp32 Conv3d;
+# quantizing every op (Add, Mul...) adds Quantize/DequantizeLinear pairs for little gain.
+# So: Conv, MatMul and Gemm, except Conv in a model with 3D convolutions (see int8_ops_for).
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 CALIBRATION_CLIPS = 64
 LATENCY_THREADS = 1
 
@@ -192,6 +192,12 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path, metadata: dict[st
     return path
 
 
+def int8_ops_for(model: nn.Module, ops: tuple[str, ...] = QUANTIZED_OPS) -> tuple[str, ...]:
+    """`ops` without Conv when `model` has 3D convolutions (int8 Conv3d is slower on a CPU)."""
+    has_3d = any(isinstance(m, nn.Conv3d) for m in model.modules())
+    return tuple(op for op in ops if not (op == "Conv" and has_3d))
+
+
 class ClipCalibrationReader(CalibrationDataReader):
     """Feeds uint8 transfer clips to ONNX Runtime's calibrator, a few at a time."""
 
@@ -304,9 +310,11 @@ def privacy_statement(run_dir: Path) -> dict:
     epsilons = [_as_float(s["epsilon"]) for s in sites.values()]
     deltas = [s["delta"] for s in sites.values() if s["delta"] is not None]
     parts = []
-    if epsilons:
-        parts.append(f"site epsilon <= {_fmt_eps(max(epsilons))} (delta {max(deltas) if deltas else '?'}, worst site)")
-    if central:
+    if epsilons and math.isinf(max(epsilons)):
+        parts.append("no site-level DP guarantee (a site trained with dp = false)")
+    elif epsilons:
+        parts.append(f"site epsilon <= {_fmt_eps(max(epsilons))} (delta {max(deltas)}, worst site)")
+    if central and central["epsilon"] not in ("inf", None):  # a run without server noise has no central guarantee to state
         parts.append(f"central epsilon {_fmt_eps(_as_float(central['epsilon']))} (delta {central['delta']})")
     if not audit["chain_ok"] or not audit["recomputed_ok"]:
         parts.append("LEDGER AUDIT FAILED: see `fedvid audit`")
@@ -332,28 +340,6 @@ def _fmt_eps(value: float) -> str:
 # --- The whole stage -----------------------------------------------------------------------------
 
 
-def _load_run(run_dir: Path):
-    """(model, spec, classes, RunConfig) of a finished run, or a clear error naming the path."""
-    from client.run_config import RunConfig
-    from server.run_dir import load_model_file
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    final = run_dir / "model.pt"
-    if not final.is_file():
-        raise FileNotFoundError(
-            f"{final} not found: the run in {run_dir} has no final model (still running or failed? "
-            "round checkpoints alone are not exported)"
-        )
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: {run_dir} is not a fedvid run directory")
-    config = RunConfig.from_mapping(json.loads(config_file.read_text())["run-config"])
-    model, content = load_model_file(final)
-    return model.eval(), ModelSpec(**content["spec"]), tuple(content["classes"]), config
-
-
 def export_run(
     run_dir: Path,
     out_dir: Path,
@@ -372,16 +358,18 @@ def export_run(
 
     `transfer`: a public video folder (folder-per-class or flat; labels where sub-folders
     name the run's classes); default: synthetic videos disjoint from the built-in dataset.
-    `student`: "NAME-SIZE" or a size (see `models.distill.student_spec`); default: the
-    teacher's family one size down. Writes the artefacts and report.json / report.md into
+    `student`: "NAME-SIZE", a family or a size (see `models.distill.student_spec`); default:
+    the early-fusion `cnn2d` at the teacher's size. Writes the artefacts and report.json / report.md into
     `out_dir`. Raises FileNotFoundError naming the path when the run has no final model.
     """
     from client.site import cache_dir, clip_spec, fedvid_home, federation_split, site_anonymizer
     from client.dataset import load_clips
-    from server.run_dir import save_model
+    from server.run_dir import load_finished_run, save_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    teacher, spec, classes, config = _load_run(run_dir)
+    teacher, spec, classes, config = load_finished_run(run_dir)
+    if spec.task != "classify":
+        raise ValueError(f"{run_dir} trained task = {spec.task!r}: fedvid export distils and quantizes classifiers only")
     out_dir.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     anonymizer, cache, geometry = site_anonymizer(), cache_dir({}), clip_spec(config)
@@ -415,7 +403,7 @@ def export_run(
         artefacts.append((role, "fp32", fp32, model, "none", verify_diff))
         if quantize:
             int8 = out_dir / f"{role}-int8.onnx"
-            mode = export_int8(fp32, int8, calibration, int8_ops)
+            mode = export_int8(fp32, int8, calibration, int8_ops_for(model, int8_ops))
             set_metadata(int8, {**meta, "fedvid.precision": "int8", "fedvid.quantization": mode})
             artefacts.append((role, "int8", int8, model, mode, None))
 

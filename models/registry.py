@@ -8,15 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+
 from torch import nn
 
-from models.video_classifier import Cnn3dClassifier, CnnTransformerClassifier
+from models.video_classifier import Cnn3dClassifier, CnnTransformerClassifier, EarlyFusionClassifier
+from models.video_detector import VideoDetector
+from models.video_enhancer import VideoEnhancer
+from models.video_generator import FramePredictor
 
 SIZES: dict[str, dict[str, dict]] = {
     "cnn-transformer": {
         "tiny": dict(widths=(8, 16, 32), dim=32, depth=1, heads=2),
         "small": dict(widths=(16, 32, 64), dim=64, depth=1, heads=2),
         "base": dict(widths=(32, 64, 128), dim=128, depth=2, heads=4),
+    },
+    "cnn2d": {
+        "tiny": dict(widths=(8, 16, 32)),
+        "small": dict(widths=(16, 32, 64)),
+        "base": dict(widths=(32, 64, 128)),
     },
     "cnn3d": {
         "tiny": dict(widths=(8, 16, 32)),
@@ -26,7 +36,12 @@ SIZES: dict[str, dict[str, dict]] = {
 }
 
 MODELS: dict[str, dict[str, type[nn.Module]]] = {
-    "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier},
+    "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier, "cnn2d": EarlyFusionClassifier},
+    # Every task's default `model` is cnn3d: one config change (`task`) switches the task, and
+    # `model-size` picks the widths of the 3D convolutions that read the clip.
+    "detect": {"cnn3d": VideoDetector},
+    "generate": {"cnn3d": FramePredictor},
+    "enhance": {"cnn3d": VideoEnhancer},
 }
 
 
@@ -55,10 +70,11 @@ def check_model_choice(task: str, name: str, size: str) -> None:
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the architecture named by `spec` with freshly initialised weights."""
     check_model_choice(spec.task, spec.name, spec.size)
+    architecture = MODELS[spec.task][spec.name]
     kwargs = dict(SIZES[spec.name][spec.size], num_classes=spec.num_classes)
-    if spec.name == "cnn-transformer":
+    if "clip_frames" in inspect.signature(architecture).parameters:
         kwargs["clip_frames"] = spec.clip_frames
-    return MODELS[spec.task][spec.name](**kwargs)
+    return architecture(**kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

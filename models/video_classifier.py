@@ -1,4 +1,5 @@
-"""Video classifiers that Opacus can train: a per-frame CNN + temporal transformer, and a 3D CNN.
+"""Video classifiers that Opacus can train: a per-frame CNN + temporal transformer, a 3D CNN,
+and an early-fusion 2D CNN (the fast student for deployment).
 
 Both take clips shaped (batch, 3, frames, height, width), values in [0, 1], and return logits.
 Every layer keeps the batch dimension first and has an Opacus per-sample-gradient sampler
@@ -135,4 +136,32 @@ class Cnn3dClassifier(nn.Module):
         # Mean and max: after GroupNorm the mean alone carries little; the max keeps where
         # a motion detector fired hardest.
         x = self.body(clips).flatten(2)
+        return self.head(torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1))
+
+
+class EarlyFusionClassifier(nn.Module):
+    """2D CNN over the clip's frames stacked as channels: motion is read by the first layer.
+
+    Measured as the deployment student: 2D convolutions run ~7x faster than the 3D CNN's in
+    ONNX Runtime on a CPU, and ONNX Runtime's int8 2D convolution is faster again, where its
+    int8 3D convolution is slower than fp32.
+    """
+
+    def __init__(self, num_classes: int, clip_frames: int, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3 * clip_frames
+        for out_ch in widths:
+            layers += [
+                nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
+                nn.GroupNorm(_groups(out_ch), out_ch),
+                nn.GELU(),
+            ]
+            in_ch = out_ch
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * in_ch, num_classes)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = clips.shape
+        x = self.body(clips.reshape(b, c * t, h, w)).flatten(2)  # channels x time: the batch stays put
         return self.head(torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1))

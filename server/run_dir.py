@@ -6,7 +6,7 @@
                        the ledger head and the central accountant's rounds: a resumed run
                        continues from the last one (`resume_point`)
     model.pt           the final global model
-    metrics.png        accuracy and loss per round
+    metrics.png        the task's metric (accuracy, mAP, PSNR) and loss per round
     status.json        "running", then "completed" or "failed"
 """
 
@@ -17,12 +17,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.registry import ModelSpec
+from models.tasks import Task, get_task
 from privacy.durable import atomic_write_json
+
+if TYPE_CHECKING:
+    from client.run_config import RunConfig
 
 
 def save_model(path: Path, state_dict: dict, spec: ModelSpec, classes: tuple[str, ...], **info: Any) -> None:
@@ -40,6 +44,27 @@ def load_model_file(path: Path) -> tuple[torch.nn.Module, dict]:
     model = build_model(ModelSpec(**content["spec"]))
     model.load_state_dict(content["state_dict"])
     return model, content
+
+
+def load_finished_run(run_dir: Path) -> tuple[torch.nn.Module, ModelSpec, tuple[str, ...], RunConfig]:
+    """(model, spec, classes, RunConfig) of a finished run, or a clear error naming the path."""
+    from client.run_config import RunConfig
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    final = run_dir / "model.pt"
+    if not final.is_file():
+        raise FileNotFoundError(
+            f"{final} not found: the run in {run_dir} has no final model (still running or failed? "
+            "round checkpoints alone are not used)"
+        )
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: {run_dir} is not a fedvid run directory")
+    config = RunConfig.from_mapping(json.loads(config_file.read_text())["run-config"])
+    model, content = load_model_file(final)
+    return model.eval(), ModelSpec(**content["spec"]), tuple(content["classes"]), config
 
 
 class RunDirectory:
@@ -73,7 +98,7 @@ class RunDirectory:
     def finish(self, state_dict: dict, **info: Any) -> None:
         """Save the final model, draw the plot and mark the run completed."""
         save_model(self.path / "model.pt", state_dict, self.spec, self.classes)
-        plot_metrics(self.path / "metrics.jsonl", self.path / "metrics.png")
+        plot_metrics(self.path / "metrics.jsonl", self.path / "metrics.png", get_task(self.spec.task))
         self.set_status("completed", **info)
 
 
@@ -125,8 +150,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(metrics_file: Path, png: Path) -> None:
-    """Accuracy and loss per round, one line per metric family, as a PNG."""
+def plot_metrics(metrics_file: Path, png: Path, task: Task) -> None:
+    """The task's headline metric (and its baseline) and the loss per round, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,11 +160,11 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
     rounds = read_metrics(metrics_file)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for prefix, style in (("train", ":"), ("val", "--"), ("test", "-")):
-        for ax, metric in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        for ax, metric in ((ax_acc, task.headline), (ax_acc, task.baseline), (ax_loss, "loss")):
             points = [(r["round"], r[f"{prefix}-{metric}"]) for r in rounds if f"{prefix}-{metric}" in r]
-            if points:
-                ax.plot(*zip(*points), style, marker="o", label=prefix)
-    for ax, title in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+            if metric and points:
+                ax.plot(*zip(*points), style, marker="o" if metric != task.baseline else "x", label=f"{prefix} {metric}")
+    for ax, title in ((ax_acc, task.headline), (ax_loss, "loss")):
         ax.set_xlabel("round")
         ax.set_title(title)
         ax.grid(alpha=0.3)

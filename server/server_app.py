@@ -12,11 +12,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from client.dataset import ClipSet, load_clips
+from client.dataset import ClipSet
 from client.run_config import RunConfig
-from client.site import clip_spec, federation_split, fedvid_home, site_anonymizer
-from client.train import evaluate, pick_device
+from client.site import clip_spec, federation_split, fedvid_home, load_task_clips, site_anonymizer
+from client.train import pick_device
 from models.registry import build_model
+from models.tasks import Task, get_task
 from server.central_privacy import CentralPrivacy
 from server.polling_grid import PollingGrid
 from server.run_dir import RunDirectory, resume_point
@@ -40,15 +41,19 @@ def central_test_set(config: RunConfig) -> tuple[tuple[str, ...], ClipSet | None
     classes, _, test_items = federation_split(config)
     if not test_items:
         return classes, None
-    return classes, load_clips(test_items, clip_spec(config), site_anonymizer(), fedvid_home() / "cache", progress=True)
+    return classes, load_task_clips(config, test_items, clip_spec(config), site_anonymizer(), fedvid_home() / "cache", progress=True)
 
 
-def round_line(server_round: int, rounds: int, metrics: dict, seconds: float) -> str:
-    """One line a person can follow: the round's losses and accuracies."""
+def round_line(server_round: int, rounds: int, metrics: dict, seconds: float, task: Task) -> str:
+    """One line a person can follow: the round's losses and the task's headline metric."""
     parts = [f"round {server_round}/{rounds}"]
     for prefix in ("train", "val", "test"):
-        if f"{prefix}-accuracy" in metrics:
-            parts.append(f"{prefix} loss {metrics[f'{prefix}-loss']:.3f} acc {metrics[f'{prefix}-accuracy']:.3f}")
+        if f"{prefix}-loss" in metrics:
+            part = f"{prefix} loss {metrics[f'{prefix}-loss']:.3f}"
+            for name in (task.headline, task.baseline):
+                if name and f"{prefix}-{name}" in metrics:
+                    part += f" {name} {metrics[f'{prefix}-{name}']:.3f}"
+            parts.append(part)
     parts.append(f"{seconds:.1f} s")
     return " | ".join(parts)
 
@@ -62,6 +67,7 @@ def update_norm_limit(config: RunConfig) -> float | None:
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds (or the rest of them, with `resume`) and write the run directory."""
     config = RunConfig.from_mapping(context.run_config)
+    task = get_task(config.task)
     resume = config.resume
     classes, test_set = central_test_set(config)
     spec = config.model_spec(len(classes))
@@ -108,11 +114,10 @@ def main(grid: Grid, context: Context) -> None:
             metrics.update(guard.round_report())
         if test_set is not None:
             model.load_state_dict(arrays.to_torch_state_dict())
-            stats = evaluate(model, test_set.dataset(), device)
-            metrics.update({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
-        headline = "test" if test_set is not None else "val"
-        if f"{headline}-accuracy" in metrics:
-            metrics.update(accuracy=metrics[f"{headline}-accuracy"], loss=metrics[f"{headline}-loss"])
+            metrics.update({f"test-{key}": value for key, value in task.evaluate(model, test_set, device).items()})
+        source = "test" if test_set is not None else "val"
+        if f"{source}-{task.headline}" in metrics:  # the round's headline, e.g. `accuracy` or `map50`
+            metrics.update({task.headline: metrics[f"{source}-{task.headline}"], "loss": metrics[f"{source}-loss"]})
         if server_round > 0:
             metrics.update(central.record_round(server_round, strategy.ledger_records + guard.rejected_ledger_records))
         seconds = time.perf_counter() - clock["start"]
@@ -122,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
             arrays.to_torch_state_dict() if server_round else None,
             ledger_head=list(central.ledger.head()), central_rounds=central.rounds, run_id=ledger_run_id,
         )
-        log(INFO, "fedvid: %s", round_line(server_round, config.num_server_rounds, metrics, seconds))
+        log(INFO, "fedvid: %s", round_line(server_round, config.num_server_rounds, metrics, seconds, task))
         clock["start"] = time.perf_counter()
         return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 

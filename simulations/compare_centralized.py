@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from client.dataset import load_clips, partition_items, split_items
 from client.site import cache_dir, clip_spec, federation_split, site_anonymizer
-from client.train import evaluate, make_optimizer, pick_device, train_epochs
+from client.train import make_optimizer, pick_device, train_epochs
 from models.registry import build_model
+from models.tasks import classification_loss, evaluate_classifier
 from simulations.federation import resolve_run_config, simulate
 
 
@@ -36,8 +37,9 @@ def centralized_accuracy(overrides: str, sites: int) -> float:
     device = pick_device()
     model = build_model(config.model_spec(len(classes))).to(device)
     loader = DataLoader(train.dataset(), batch_size=config.batch_size, shuffle=True)
-    train_epochs(model, loader, make_optimizer(model, config.learning_rate), config.num_server_rounds * config.local_epochs, device)
-    return evaluate(model, test_set.dataset(), device).accuracy
+    train_epochs(model, loader, make_optimizer(model, config.learning_rate), config.num_server_rounds * config.local_epochs, device,
+                 classification_loss)
+    return evaluate_classifier(model, test_set, device)["accuracy"]
 
 
 def main() -> None:

@@ -99,14 +99,14 @@ def prepare_data(config: RunConfig, sites: int) -> None:
     Sites then read anonymized clips from the cache instead of decoding in silence, and a
     bad dataset or a missing face model is reported before any process is started.
     """
-    from client.dataset import DataError, load_clips
-    from client.site import cache_dir, clip_spec, federation_split, site_anonymizer
+    from client.dataset import DataError
+    from client.site import cache_dir, clip_spec, federation_split, load_task_clips, site_anonymizer
 
     classes, shared, test = federation_split(config)
     if len(shared) < sites:
         raise DataError(f"{len(shared)} videos cannot be shared among {sites} sites")
     started = time.perf_counter()
-    clips = load_clips(shared + test, clip_spec(config), site_anonymizer(), cache_dir({}), progress=True)
+    clips = load_task_clips(config, shared + test, clip_spec(config), site_anonymizer(), cache_dir({}), progress=True)
     print(
         f"data: {len(classes)} classes, {len(shared) + len(test)} videos -> {len(clips)} clips "
         f"({len(clips.skipped)} skipped), {clips.faces_blurred} faces blurred, "
@@ -122,7 +122,7 @@ def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_
     if sites < config.min_sites:
         raise ValueError(f"--sites {sites} is below min-sites = {config.min_sites}")
     if not config.data_dir:
-        builtin_data_dir(progress=True)
+        builtin_data_dir(progress=True, task=config.task)
     prepare_data(config, sites)
     run_dir = Path(config.run_dir or fedvid_home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if (run_dir / "status.json").exists() and not config.resume:
@@ -159,8 +159,12 @@ def _read_status(run_dir: Path) -> dict:
 
 
 def _print_summary(run_dir: Path) -> None:
+    from models.tasks import get_task
     from server.run_dir import read_metrics
 
+    task = get_task(json.loads((run_dir / "config.json").read_text())["run-config"]["task"])
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
-    print(f"fedvid simulate: completed {last['round']} rounds; final accuracy {last.get('accuracy', float('nan')):.3f}, "
-          f"loss {last.get('loss', float('nan')):.3f}; run directory {run_dir}")
+    baseline = f" (baseline {last[f'test-{task.baseline}']:.3f})" if f"test-{task.baseline}" in last else ""
+    print(f"fedvid simulate: completed {last['round']} rounds; final {task.headline} "
+          f"{last.get(task.headline, float('nan')):.3f}{baseline}, loss {last.get('loss', float('nan')):.3f}; "
+          f"run directory {run_dir}")

@@ -77,11 +77,12 @@ def test_distillation_loss_matches_the_formula():
     torch.testing.assert_close(distillation_loss(student, teacher, none, T, alpha), T**2 * kl)
 
 
-def test_student_defaults_to_one_size_down_and_refuses_unknown_models():
+def test_student_defaults_to_the_early_fusion_cnn_and_refuses_unknown_models():
     teacher = ModelSpec("classify", "cnn-transformer", "small", 6, 8, 48)
-    assert student_spec(teacher).size == "tiny"
+    assert (student_spec(teacher).name, student_spec(teacher).size) == ("cnn2d", "small")
     assert student_spec(teacher.__class__(**{**teacher.__dict__, "size": "tiny"})).size == "tiny"
     assert (student_spec(teacher, "cnn3d-tiny").name, student_spec(teacher, "cnn3d:tiny").size) == ("cnn3d", "tiny")
+    assert (student_spec(teacher, "cnn3d").name, student_spec(teacher, "cnn3d").size) == ("cnn3d", "small")
     assert student_spec(teacher, "base").name == "cnn-transformer"
     with pytest.raises(ValueError, match="student"):
         student_spec(teacher, "resnet-huge")

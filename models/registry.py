@@ -37,8 +37,9 @@ SIZES: dict[str, dict[str, dict]] = {
 
 MODELS: dict[str, dict[str, type[nn.Module]]] = {
     "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier, "cnn2d": EarlyFusionClassifier},
-    # Every task's default `model` is cnn3d: one config change (`task`) switches the task, and
-    # `model-size` picks the widths of the 3D convolutions that read the clip.
+    # Each task's model is registered under the default name `cnn3d`, so the one key `task`
+    # switches the task; `model-size` picks its widths. (The generator's U-Net reads the
+    # context frames as channels: the name is the default's, not a promise of 3D kernels.)
     "detect": {"cnn3d": VideoDetector},
     "generate": {"cnn3d": FramePredictor},
     "enhance": {"cnn3d": VideoEnhancer},

@@ -94,7 +94,7 @@ def evaluate_enhancer(model: nn.Module, clipset: ClipSet, device: torch.device, 
     for clips, _ in DataLoader(clipset.dataset(), batch_size=batch_size):
         low, high = enhancement_pair(clips.to(device))
         pred, bicubic = model(low), bicubic_upscale(low)
-        totals["loss"] += (pred - high).abs().flatten(1).mean(1).sum().item()
+        totals["loss"] += (pred - high).abs().flatten(1).sum(1).sum().item()  # as enhancement_loss
         totals["psnr"] += psnr(pred, high).sum().item()
         totals["ssim"] += ssim(pred, high).sum().item()
         totals["psnr-bicubic"] += psnr(bicubic, high).sum().item()

@@ -8,9 +8,9 @@ Why a frame predictor and not a GAN: a GAN is a two-player game whose balance is
 even without privacy; under DP-SGD the discriminator (the network that sees private data)
 learns from clipped, noised gradients, so the generator trains against a noisy critic and
 the balance is lost more easily still (mode collapse, divergence). A deterministic
-regression objective — the mean over examples of each example's own mean squared error —
-is exactly what per-example clipping and the DP analysis assume, and it trains as steadily
-as a classifier. What is given up:
+regression objective — the mean over examples of each example's own squared error — is
+exactly what per-example clipping and the DP analysis assume, and it trains as steadily as
+a classifier. What is given up:
 samples are not diverse (one context and class give one future, not a distribution of
 them), an MSE-trained model blurs what it cannot predict (e.g. speed varies within a class),
 and it needs a real starting frame: it continues scenes rather than inventing new ones.
@@ -155,7 +155,7 @@ def evaluate_generator(model: nn.Module, clipset: ClipSet, device: torch.device,
         context, future = split_clip(clips.to(device))
         pred = model(context, labels.to(device))
         copied = copy_last_frame(context, future.shape[2])
-        totals["loss"] += (pred - future).pow(2).flatten(1).mean(1).sum().item()
+        totals["loss"] += (pred - future).pow(2).flatten(1).sum(1).sum().item()  # as prediction_loss
         totals["psnr"] += psnr(pred, future).sum().item()
         totals["ssim"] += ssim(pred, future).sum().item()
         totals["psnr-copy-last"] += psnr(copied, future).sum().item()

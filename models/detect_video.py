@@ -18,7 +18,7 @@ from torch import nn
 
 from client.dataset import FrameAnonymizer
 from client.video import read_frames, square_resize
-from models.distill import clips_to_tensor
+from client.dataset import clips_to_tensor
 from models.video_detector import decode_detections
 
 COLOURS = ((0, 200, 255), (255, 120, 0), (80, 220, 80), (200, 80, 255), (0, 80, 255), (255, 255, 0))  # BGR

@@ -32,7 +32,8 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from torch import nn
 
-from models.distill import ALPHA, EPOCHS, TEMPERATURE, clips_to_tensor, distill, load_transfer_set, synthetic_transfer_dir
+from client.dataset import clips_to_tensor
+from models.distill import ALPHA, EPOCHS, TEMPERATURE, distill, load_transfer_set, synthetic_transfer_dir
 from models.predict import INPUT_LAYOUT, META_CLASSES, META_CLIP_FRAMES, META_FRAME_SIZE, META_FRAME_STRIDE, META_INPUT
 from models.registry import ModelSpec, count_parameters
 

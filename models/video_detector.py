@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from client.dataset import clips_to_tensor
 from models.detection_metrics import box_iou, detection_metrics
 
 STRIDE = 4
@@ -225,8 +226,6 @@ def decode_detections(output: torch.Tensor, frame_size: int, score_threshold: fl
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, clipset, device: torch.device | str, batch_size: int = 64) -> dict[str, float]:
     """{"loss", "map50", "map"} of ``model`` on a DetectionClipSet (model left in eval mode)."""
-    from models.distill import clips_to_tensor
-
     model.eval()
     frame_size = clipset.clips.shape[2]
     total, predictions = 0.0, []

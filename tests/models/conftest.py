@@ -14,7 +14,7 @@ from client.dataset import load_clips
 from client.run_config import RunConfig
 from client.site import cache_dir, clip_spec, federation_split, site_anonymizer
 from client.synth import write_synthetic_dataset
-from models.distill import clips_to_tensor
+from client.dataset import clips_to_tensor
 from models.registry import build_model
 from server.run_dir import save_model
 

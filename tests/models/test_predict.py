@@ -14,7 +14,7 @@ import torch
 
 from client.synth import _render_video, write_video
 from client.video import frames_to_clips, read_frames
-from models.distill import clips_to_tensor
+from client.dataset import clips_to_tensor
 from models.export import clip_metadata, export_onnx
 from models.predict import predict_command, predict_video
 from models.registry import ModelSpec, build_model

@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from client.video import write_video
+
 CLASSES = ("move-right", "move-left", "move-down", "move-up", "grow", "shrink")
 FRAME_SIZE = 64
 NUM_FRAMES = 32
@@ -112,18 +114,6 @@ def _render_video(label: int, rng: np.random.Generator, with_face: bool) -> list
     return frames
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: float = FPS) -> None:
-    """Write BGR uint8 frames as an .mp4 (MPEG-4 part 2) or .avi (MJPG) file."""
-    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.suffix == ".avi" else "mp4v"))
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write {path}")
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-
-
 def write_synthetic_dataset(
     out_dir: Path,
     seed: int = 0,
@@ -150,7 +140,7 @@ def write_synthetic_dataset(
         video_rng = np.random.default_rng(int(video_seed))
         with_face = video_rng.random() < face_fraction
         frames = _render_video(label, video_rng, with_face)
-        write_video(out_dir / CLASSES[label] / f"{CLASSES[label]}_{i:03d}{suffix}", frames)
+        write_video(out_dir / CLASSES[label] / f"{CLASSES[label]}_{i:03d}{suffix}", frames, FPS)
     meta = {"seed": seed, "videos_per_class": videos_per_class, "classes": list(CLASSES)}
     tmp = out_dir / (DONE_FILE + ".tmp")
     tmp.write_text(json.dumps(meta))

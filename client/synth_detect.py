@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 
 from client.boxes import CLASSES_FILE
-from client.synth import _texture, write_video
+from client.synth import _texture
+from client.video import write_video
 
 DETECTION_CLASSES = ("square", "disc", "triangle")
 FRAME_SIZE = 64

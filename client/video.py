@@ -61,3 +61,15 @@ def frames_to_clips(frames: list[np.ndarray], clip_frames: int, frame_size: int)
         small += [small[-1]] * (clip_frames - len(small))
     count = len(small) // clip_frames
     return np.stack(small[: count * clip_frames]).reshape(count, clip_frames, frame_size, frame_size, 3)
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 12.0) -> None:
+    """Write BGR uint8 frames as an .mp4 (MPEG-4 part 2) or .avi (MJPG) file."""
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.suffix == ".avi" else "mp4v"))
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write {path}")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from client.dataset import FrameAnonymizer
-from client.video import read_frames, square_resize
+from client.video import read_frames, square_resize, write_video
 from client.dataset import clips_to_tensor
 from models.video_detector import decode_detections
 
@@ -65,22 +65,17 @@ def annotate_video(
     anonymized, _ = anonymizer.anonymize_frames(frames)  # the model and the output only see these
     small = np.stack([cv2.cvtColor(square_resize(f, frame_size), cv2.COLOR_BGR2RGB) for f in anonymized])
     display_size = display_size or 4 * frame_size
-    fps = _fps(Path(video_path)) / frame_stride
-    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (display_size, display_size))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write {out_path}")
     model.eval()
     device = next(model.parameters()).device
     windows = window_indices(len(small), clip_frames)
-    try:
-        for start in range(0, len(small), batch_size):
-            clips = clips_to_tensor(small[windows[start : start + batch_size]]).to(device)
-            detections = decode_detections(model(clips), frame_size, score_threshold=score_threshold)
-            for i, found in enumerate(detections, start=start):
-                shown = square_resize(anonymized[i], display_size)
-                writer.write(draw_detections(shown, found, classes, display_size / frame_size))
-    finally:
-        writer.release()
+    annotated = []
+    for start in range(0, len(small), batch_size):
+        clips = clips_to_tensor(small[windows[start : start + batch_size]]).to(device)
+        detections = decode_detections(model(clips), frame_size, score_threshold=score_threshold)
+        for i, found in enumerate(detections, start=start):
+            shown = square_resize(anonymized[i], display_size)
+            annotated.append(draw_detections(shown, found, classes, display_size / frame_size))
+    write_video(Path(out_path), annotated, _fps(Path(video_path)) / frame_stride)
     return len(small)
 
 

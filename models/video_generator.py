@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from client.dataset import ClipDataset, ClipSet, clips_to_tensor
+from client.video import write_video
 from models.image_quality import psnr, ssim
 
 CONTEXT_FRAMES = 2
@@ -207,13 +208,8 @@ def write_samples(
     for index, (clip, label) in enumerate(zip(frames, labels.tolist())):
         path = out_dir / f"{classes[label]}-{index}.mp4"
         size = clip.shape[1] * scale
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
-        if not writer.isOpened():
-            raise OSError(f"cannot write {path} with the mp4v codec")
-        for frame in clip:
-            big = cv2.resize(frame, (size, size), interpolation=cv2.INTER_NEAREST)
-            writer.write(cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
-        writer.release()
+        big = [cv2.cvtColor(cv2.resize(f, (size, size), interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR) for f in clip]
+        write_video(path, big, fps)
         paths.append(path)
     return paths
 

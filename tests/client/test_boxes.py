@@ -17,7 +17,7 @@ from client.boxes import (
     scan_detection_folder,
 )
 from client.dataset import ClipSpec, DataError, VideoItem
-from client.synth import write_video
+from client.video import write_video
 from client.synth_detect import (
     DETECTION_CLASSES,
     NUM_FRAMES,

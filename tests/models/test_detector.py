@@ -3,13 +3,12 @@ and the annotated video."""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from client.boxes import DetectionClipSet
-from client.synth import write_video
+from client.video import read_frames, write_video
 from models.detect_video import annotate_video, window_indices
 from models.detection_metrics import detection_metrics
 from models.video_detector import (
@@ -224,14 +223,7 @@ def test_annotated_video_is_drawn_on_anonymized_frames_and_reads_back(tmp_path):
     assert written == 7 and anonymizer.calls == 1
     seen = torch.cat(model.inputs)
     assert seen.shape == (7, 3, 4, 16, 16) and seen.abs().sum() == 0  # the model saw only anonymized frames
-    capture = cv2.VideoCapture(str(out))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
+    frames = read_frames(out)
     assert len(frames) == 7 and frames[0].shape == (64, 64, 3)
     # Black anonymized frames with a box drawn in the middle: colour only where the box is.
     coloured = np.nonzero(frames[3][24:40].max(axis=2) > 60)[1]

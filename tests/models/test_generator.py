@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dataset import ClipSet
+from client.video import read_frames
 from models.video_generator import (
     CONTEXT_FRAMES,
     FramePredictor,
@@ -166,13 +166,7 @@ def test_write_samples_writes_playable_mp4(tmp_path):
     paths = write_samples(model, clipset.clips, clipset.labels, ["a", "b", "c"], tmp_path / "samples", scale=4)
     assert [p.name for p in paths] == ["a-0.mp4", "b-1.mp4"]
     for path in paths:
-        video = cv2.VideoCapture(str(path))
-        frames = []
-        ok, frame = video.read()
-        while ok:
-            frames.append(frame)
-            ok, frame = video.read()
-        video.release()
+        frames = read_frames(path)
         assert len(frames) == 8
         assert frames[0].shape == (64, 64, 3)
 

@@ -9,14 +9,13 @@ drifting across the scene, so the face anonymizer has work to do in the default 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from client.video import write_video
+from privacy.durable import atomic_write_json
 
 CLASSES = ("move-right", "move-left", "move-down", "move-up", "grow", "shrink")
 FRAME_SIZE = 64
@@ -142,9 +141,7 @@ def write_synthetic_dataset(
         frames = _render_video(label, video_rng, with_face)
         write_video(out_dir / CLASSES[label] / f"{CLASSES[label]}_{i:03d}{suffix}", frames, FPS)
     meta = {"seed": seed, "videos_per_class": videos_per_class, "classes": list(CLASSES)}
-    tmp = out_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, out_dir / DONE_FILE)
+    atomic_write_json(out_dir / DONE_FILE, meta)
     return out_dir
 
 

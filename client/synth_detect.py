@@ -10,8 +10,6 @@ and classes.txt.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import cv2
@@ -20,6 +18,7 @@ import numpy as np
 from client.boxes import CLASSES_FILE
 from client.synth import _texture
 from client.video import write_video
+from privacy.durable import atomic_write_json
 
 DETECTION_CLASSES = ("square", "disc", "triangle")
 FRAME_SIZE = 64
@@ -100,9 +99,7 @@ def write_synthetic_detection_dataset(out_dir: Path, seed: int = 0, videos: int 
         write_video(out_dir / f"shapes_{i:04d}.mp4", frames, FPS)
         (out_dir / f"shapes_{i:04d}.gt.txt").write_text("\n".join(lines) + "\n")
     meta = {"seed": seed, "videos": videos, "classes": list(DETECTION_CLASSES)}
-    tmp = out_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, out_dir / DONE_FILE)
+    atomic_write_json(out_dir / DONE_FILE, meta)
     return out_dir
 
 

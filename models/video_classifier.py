@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _groups(channels: int) -> int:
+def norm_groups(channels: int) -> int:
     """GroupNorm groups: 8 channels a group, at least one group."""
     return max(1, channels // 8)
 
@@ -35,7 +35,7 @@ class FrameEncoder(nn.Module):
         for out_ch in widths:
             layers += [
                 nn.Conv3d(in_ch, out_ch, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-                nn.GroupNorm(_groups(out_ch), out_ch),
+                nn.GroupNorm(norm_groups(out_ch), out_ch),
                 nn.GELU(),
             ]
             in_ch = out_ch
@@ -125,7 +125,7 @@ class Cnn3dClassifier(nn.Module):
             stride = (1, 2, 2) if i == 0 else (2, 2, 2)
             layers += [
                 nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1),
-                nn.GroupNorm(_groups(out_ch), out_ch),
+                nn.GroupNorm(norm_groups(out_ch), out_ch),
                 nn.GELU(),
             ]
             in_ch = out_ch
@@ -154,7 +154,7 @@ class EarlyFusionClassifier(nn.Module):
         for out_ch in widths:
             layers += [
                 nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
-                nn.GroupNorm(_groups(out_ch), out_ch),
+                nn.GroupNorm(norm_groups(out_ch), out_ch),
                 nn.GELU(),
             ]
             in_ch = out_ch

@@ -26,6 +26,7 @@ from torch import nn
 
 from client.dataset import clips_to_tensor
 from models.detection_metrics import box_iou, detection_metrics
+from models.video_classifier import norm_groups
 
 STRIDE = 4
 HEATMAP_PRIOR_BIAS = -2.19  # sigmoid = 0.1: CenterNet's start, keeps the focal loss stable early
@@ -33,23 +34,18 @@ SIZE_WEIGHT = 1.0  # sizes are in output cells (a few units here), so no down-we
 OFFSET_WEIGHT = 1.0
 
 
-def _groups(channels: int) -> int:
-    """GroupNorm groups: 8 channels a group, at least one group."""
-    return max(1, channels // 8)
-
-
 def _conv3d_block(in_ch: int, out_ch: int, spatial_stride: int) -> nn.Sequential:
     """3x3x3 convolution (time kept), GroupNorm, GELU."""
     return nn.Sequential(
         nn.Conv3d(in_ch, out_ch, 3, stride=(1, spatial_stride, spatial_stride), padding=1),
-        nn.GroupNorm(_groups(out_ch), out_ch),
+        nn.GroupNorm(norm_groups(out_ch), out_ch),
         nn.GELU(),
     )
 
 
 def _conv2d_block(in_ch: int, out_ch: int) -> nn.Sequential:
     """3x3 convolution, GroupNorm, GELU."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(_groups(out_ch), out_ch), nn.GELU())
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(norm_groups(out_ch), out_ch), nn.GELU())
 
 
 def output_size(frame_size: int, stride: int = STRIDE) -> int:

@@ -36,13 +36,9 @@ from torch.utils.data import DataLoader
 from client.dataset import ClipDataset, ClipSet, clips_to_tensor
 from client.video import write_video
 from models.image_quality import psnr, ssim
+from models.video_classifier import norm_groups
 
 CONTEXT_FRAMES = 2
-
-
-def _groups(channels: int) -> int:
-    """GroupNorm groups: 8 channels a group, at least one group."""
-    return max(1, channels // 8)
 
 
 class FilmBlock(nn.Module):
@@ -51,9 +47,9 @@ class FilmBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm1 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.norm1 = nn.GroupNorm(norm_groups(out_ch), out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.norm2 = nn.GroupNorm(norm_groups(out_ch), out_ch)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(self.conv1(x)))

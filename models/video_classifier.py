@@ -19,6 +19,18 @@ def norm_groups(channels: int) -> int:
     return max(1, channels // 8)
 
 
+def conv_block(conv: type[nn.Module], in_ch: int, out_ch: int, stride) -> list[nn.Module]:
+    """Convolution (3-wide kernel), GroupNorm, GELU: the building block of the CNNs here."""
+    return [conv(in_ch, out_ch, 3, stride=stride, padding=1), nn.GroupNorm(norm_groups(out_ch), out_ch), nn.GELU()]
+
+
+def mean_max(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (B, 2C): mean and max over every position. After GroupNorm the mean alone
+    carries little; the max keeps where a motion detector fired hardest."""
+    x = features.flatten(2)
+    return torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)
+
+
 def with_motion(clips: torch.Tensor) -> torch.Tensor:
     """Append frame differences as 3 more channels: motion made explicit for a per-frame CNN."""
     motion = torch.diff(clips, dim=2, prepend=clips[:, :, :1])
@@ -119,24 +131,15 @@ class Cnn3dClassifier(nn.Module):
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (16, 32, 64)):
         super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for i, out_ch in enumerate(widths):
-            stride = (1, 2, 2) if i == 0 else (2, 2, 2)
-            layers += [
-                nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1),
-                nn.GroupNorm(norm_groups(out_ch), out_ch),
-                nn.GELU(),
-            ]
-            in_ch = out_ch
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * in_ch, num_classes)
+        channels = (3, *widths)
+        strides = [(1, 2, 2)] + [(2, 2, 2)] * (len(widths) - 1)
+        self.body = nn.Sequential(*[
+            m for i, stride in enumerate(strides) for m in conv_block(nn.Conv3d, channels[i], channels[i + 1], stride)
+        ])
+        self.head = nn.Linear(2 * widths[-1], num_classes)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        # Mean and max: after GroupNorm the mean alone carries little; the max keeps where
-        # a motion detector fired hardest.
-        x = self.body(clips).flatten(2)
-        return self.head(torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1))
+        return self.head(mean_max(self.body(clips)))
 
 
 class EarlyFusionClassifier(nn.Module):
@@ -149,19 +152,12 @@ class EarlyFusionClassifier(nn.Module):
 
     def __init__(self, num_classes: int, clip_frames: int, widths: tuple[int, ...] = (16, 32, 64)):
         super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3 * clip_frames
-        for out_ch in widths:
-            layers += [
-                nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
-                nn.GroupNorm(norm_groups(out_ch), out_ch),
-                nn.GELU(),
-            ]
-            in_ch = out_ch
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * in_ch, num_classes)
+        channels = (3 * clip_frames, *widths)
+        self.body = nn.Sequential(*[
+            m for i in range(len(widths)) for m in conv_block(nn.Conv2d, channels[i], channels[i + 1], 2)
+        ])
+        self.head = nn.Linear(2 * widths[-1], num_classes)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = clips.shape
-        x = self.body(clips.reshape(b, c * t, h, w)).flatten(2)  # channels x time: the batch stays put
-        return self.head(torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1))
+        return self.head(mean_max(self.body(clips.reshape(b, c * t, h, w))))  # channels x time: the batch stays put

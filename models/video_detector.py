@@ -26,7 +26,7 @@ from torch import nn
 
 from client.dataset import clips_to_tensor
 from models.detection_metrics import box_iou, detection_metrics
-from models.video_classifier import norm_groups
+from models.video_classifier import conv_block
 
 STRIDE = 4
 HEATMAP_PRIOR_BIAS = -2.19  # sigmoid = 0.1: CenterNet's start, keeps the focal loss stable early
@@ -36,16 +36,12 @@ OFFSET_WEIGHT = 1.0
 
 def _conv3d_block(in_ch: int, out_ch: int, spatial_stride: int) -> nn.Sequential:
     """3x3x3 convolution (time kept), GroupNorm, GELU."""
-    return nn.Sequential(
-        nn.Conv3d(in_ch, out_ch, 3, stride=(1, spatial_stride, spatial_stride), padding=1),
-        nn.GroupNorm(norm_groups(out_ch), out_ch),
-        nn.GELU(),
-    )
+    return nn.Sequential(*conv_block(nn.Conv3d, in_ch, out_ch, (1, spatial_stride, spatial_stride)))
 
 
 def _conv2d_block(in_ch: int, out_ch: int) -> nn.Sequential:
     """3x3 convolution, GroupNorm, GELU."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(norm_groups(out_ch), out_ch), nn.GELU())
+    return nn.Sequential(*conv_block(nn.Conv2d, in_ch, out_ch, 1))
 
 
 def output_size(frame_size: int, stride: int = STRIDE) -> int:

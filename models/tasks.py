@@ -21,6 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.dataset import ClipSet
+from models.video_detector import detection_loss, evaluate_detector, mean_box_baseline
+from models.video_enhancer import enhancement_step_loss, evaluate_enhancer
+from models.video_generator import evaluate_generator, generation_step_loss
 
 
 @dataclass(frozen=True)
@@ -59,60 +62,30 @@ def evaluate_classifier(model: nn.Module, clipset: ClipSet, device: torch.device
 # --- detect, generate, enhance (their models' modules hold the details) ---------------------
 
 
-def _detection_examples(clipset: ClipSet) -> Dataset:
-    from models.video_detector import DetectionDataset
-
-    return DetectionDataset(clipset)
-
-
 def _detection_loss(model: nn.Module, clips: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from models.video_detector import detection_loss
-
     return detection_loss(model(clips), targets)
 
 
 def _evaluate_detector(model: nn.Module, clipset: ClipSet, device: torch.device) -> dict[str, float]:
     """mAP, and beside it a trivial baseline: each class's mean box on every frame (the mean of
     the evaluated clips' own boxes, so the baseline is if anything flattered)."""
-    from models.video_detector import evaluate_detector, mean_box_baseline
-
     baseline = {f"{key}-mean-box": value for key, value in mean_box_baseline(clipset, clipset).items()}
     return {**evaluate_detector(model, clipset, device), **baseline}
 
 
-def _generation_loss(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from models.video_generator import generation_step_loss
-
-    return generation_step_loss(model, clips, labels)
-
-
-def _evaluate_generator(model: nn.Module, clipset: ClipSet, device: torch.device) -> dict[str, float]:
-    from models.video_generator import evaluate_generator
-
-    return evaluate_generator(model, clipset, device)
-
-
 def _enhancement_loss(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from models.video_enhancer import enhancement_step_loss
-
     return enhancement_step_loss(model, clips)  # the class plays no part in up-scaling
 
 
-def _evaluate_enhancer(model: nn.Module, clipset: ClipSet, device: torch.device) -> dict[str, float]:
-    from models.video_enhancer import evaluate_enhancer
-
-    return evaluate_enhancer(model, clipset, device)
-
-
-def _clip_label_pairs(clipset: ClipSet) -> Dataset:
-    return clipset.dataset()
+def _examples(clipset: ClipSet) -> Dataset:
+    return clipset.dataset()  # a DetectionClipSet gives (clip, dense box target) pairs
 
 
 TASKS: dict[str, Task] = {
-    "classify": Task("classify", "accuracy", None, _clip_label_pairs, classification_loss, evaluate_classifier),
-    "detect": Task("detect", "map50", "map50-mean-box", _detection_examples, _detection_loss, _evaluate_detector),
-    "generate": Task("generate", "psnr", "psnr-copy-last", _clip_label_pairs, _generation_loss, _evaluate_generator),
-    "enhance": Task("enhance", "psnr", "psnr-bicubic", _clip_label_pairs, _enhancement_loss, _evaluate_enhancer),
+    "classify": Task("classify", "accuracy", None, _examples, classification_loss, evaluate_classifier),
+    "detect": Task("detect", "map50", "map50-mean-box", _examples, _detection_loss, _evaluate_detector),
+    "generate": Task("generate", "psnr", "psnr-copy-last", _examples, generation_step_loss, evaluate_generator),
+    "enhance": Task("enhance", "psnr", "psnr-bicubic", _examples, _enhancement_loss, evaluate_enhancer),
 }
 
 

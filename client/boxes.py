@@ -35,6 +35,7 @@ from client.dataset import (
     DataError,
     FrameAnonymizer,
     VideoItem,
+    file_digest,
     video_clips,
 )
 from client.video import VIDEO_SUFFIXES, VideoError
@@ -231,7 +232,7 @@ def load_detection_clips(
     if not items:
         raise DataError("no detection videos to load")
     num_classes = num_classes or _classes_near(Path(items[0].path))
-    clips, boxes, skipped, faces = [], [], [], 0
+    clips, boxes, skipped, faces, sources = [], [], [], 0, []
     iterator = track(items, description="preparing clips") if progress else items
     for item in iterator:
         try:
@@ -243,9 +244,10 @@ def load_detection_clips(
             continue
         annotations = read_mot_boxes(annotation_path(item.path), num_classes)
         clips.append(video)
+        sources += [file_digest(item.path)] * len(video)
         boxes += clip_target_boxes(annotations, len(video), spec, width, height, frame_count)
         faces += n_faces
     if not clips:
         raise DataError(f"none of the {len(items)} videos could be decoded")
     labels = np.zeros(len(boxes), np.int64)
-    return DetectionClipSet(np.concatenate(clips), labels, faces, skipped, boxes=boxes, num_classes=num_classes)
+    return DetectionClipSet(np.concatenate(clips), labels, faces, skipped, sources, boxes=boxes, num_classes=num_classes)

@@ -4,7 +4,9 @@
     fedvid synth --out DIR            write the built-in synthetic dataset
     fedvid simulate [--sites N] ...   run a simulated federation through Flower
     fedvid anonymize IN OUT           blur the faces in a video or image
-    fedvid audit RUN_DIR              check a run's privacy ledger
+    fedvid audit RUN_DIR --site-keys FILE   check a run's privacy ledger against the sites' pinned keys
+    fedvid audit --site-dir DIR       check one site's own ledger and budget
+    fedvid ledger-key --privacy-dir DIR   print a site's ledger public key (to pin with the auditors)
     fedvid export RUN_DIR --out DIR   distill and quantize the final model to int8 ONNX
     fedvid predict MODEL.onnx VIDEO   classify a video's clips with an exported model
     fedvid generate RUN_DIR --out DIR write sample videos from a trained generator
@@ -38,7 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.federation import simulate
 
-    return simulate(args.sites, args.run_config, args.out, args.cpus_per_site)
+    return simulate(args.sites, args.run_config, args.out, args.cpus_per_site, args.node_config)
 
 
 def cmd_anonymize(args: argparse.Namespace) -> int:
@@ -56,7 +58,17 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from privacy.audit import run_audit_command
 
-    return run_audit_command(args.run_dir, as_json=args.json, plot=args.plot)
+    if args.run_dir is None and not args.site_dirs:
+        raise ValueError("give a RUN_DIR, or --site-dir DIR to audit a site's own state")
+    return run_audit_command(args.run_dir, as_json=args.json, plot=args.plot, site_keys=args.site_keys,
+                             site_dirs=args.site_dirs)
+
+
+def cmd_ledger_key(args: argparse.Namespace) -> int:
+    from privacy.ledger import LedgerKey
+
+    print(LedgerKey.load_or_create(args.privacy_dir).public_key_text())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -110,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", default="", help="overrides, e.g. 'num-server-rounds=3 partition=\"dirichlet\"'")
     p.add_argument("--out", type=Path, default=None, help="the run directory (default: ~/.fedvid/runs/TIME)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores each simulated site gets")
+    p.add_argument("--node-config", default="",
+                   help="every simulated site's own settings, e.g. 'privacy-unit=\"clip\" epsilon-budget=4.0'")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("anonymize", help="blur every face in a video (mp4/avi -> mp4) or an image")
@@ -120,11 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur", choices=("gaussian", "pixelate", "fill"), default="gaussian")
     p.set_defaults(func=cmd_anonymize)
 
-    p = sub.add_parser("audit", help="check a run's privacy ledger and print its budget table")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("audit", help="check a run's privacy ledger (or a site's own) and print its budget table",
+                       description="Exit code bits: 1 chain broken, signature invalid or records missing; "
+                                   "2 an epsilon under-stated or a record inconsistent; 4 a site over budget.")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None,
+                   help="the run directory (omit it to audit the --site-dir sites' own state)")
+    p.add_argument("--site-keys", type=Path, default=None,
+                   help="the sites' ledger public keys, pinned out of band: a JSON object "
+                        "{\"site-id\": \"ed25519:...\"} (what `fedvid ledger-key` prints); without it and without "
+                        "--site-dir, the keys of RUN_DIR/sites/* are used (a simulation: valid against an edited "
+                        "run ledger only)")
+    p.add_argument("--site-dir", type=Path, action="append", dest="site_dirs", default=None, metavar="DIR",
+                   help="a site's privacy dir (repeatable): cross-check its ledger and budget file with the run's")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", type=Path, default=None, help="write epsilon per round per site as a PNG")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("ledger-key", help="print a site's ledger public key (created if missing), to pin with the auditors")
+    p.add_argument("--privacy-dir", type=Path, required=True, help="the site's privacy dir (node config `privacy-dir`)")
+    p.set_defaults(func=cmd_ledger_key)
 
     p = sub.add_parser("export", help="distill the run's model into a small student and quantize both to int8 ONNX")
     p.add_argument("run_dir", type=Path)

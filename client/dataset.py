@@ -60,6 +60,7 @@ class ClipSet:
     labels: np.ndarray  # (N,) int64
     faces_blurred: int = 0
     skipped: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # per clip: its video's content digest (the video unit)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -229,7 +230,7 @@ def load_clips(
     """Anonymized clips of `items`; a video that cannot be decoded is reported and skipped."""
     from rich.progress import track
 
-    clips, labels, skipped, faces = [], [], [], 0
+    clips, labels, skipped, faces, sources = [], [], [], 0, []
     iterator = track(items, description="preparing clips") if progress else items
     for item in iterator:
         try:
@@ -240,7 +241,8 @@ def load_clips(
             continue
         clips.append(video)
         labels += [item.label] * len(video)
+        sources += [file_digest(item.path)] * len(video)
         faces += n_faces
     if not clips:
         raise DataError(f"none of the {len(items)} videos could be decoded")
-    return ClipSet(np.concatenate(clips), np.asarray(labels, dtype=np.int64), faces, skipped)
+    return ClipSet(np.concatenate(clips), np.asarray(labels, dtype=np.int64), faces, skipped, sources)

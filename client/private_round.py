@@ -1,64 +1,92 @@
-"""One round of local training under DP-SGD, with the site's own budget and ledger.
+"""A site's private round, in one façade: plan, charge, record, wrap, train, confirm.
 
-Plain torch + Opacus, no Flower. The order is what makes it safe: check the settings,
-charge the site's budget write-ahead (refuse if the round does not fit), then train with a
-step guard that stops at the charged number of steps. A process killed mid-round keeps the
-round charged; epsilon on record never goes back.
+Plain torch + Opacus, no Flower. The order is what makes it safe against a coordinator that
+chooses the run config and the weights:
+
+1. plan: the mechanism the run asks for (noise, sample rate over the site's privacy units,
+   steps), checked against the site's own delta; a round without DP only when the site's node
+   config allows it (`allow-non-private`), else a recorded refusal;
+2. charge: the site budget, per unit, write-ahead (refused when a unit would go over);
+3. record: the round's ledger record is appended to the site's own signed ledger BEFORE
+   training, so a crash after the charge still leaves it at the site;
+4. wrap: Opacus with the site's own generators (`SiteRandomness`) and a step guard;
+5. train: multi-clip DP-SGD, one clipped gradient per unit;
+6. confirm: the steps taken (never more than charged).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch.utils.data import DataLoader
 
-from client.dataset import ClipSet
+from client.node_config import NodeConfig
 from client.run_config import RunConfig
-from client.train import EpochStats, make_optimizer, train_epochs
+from client.site import SiteData
+from client.train import make_optimizer, train_epochs
 from models.tasks import get_task
-from privacy.dp_training import calibrate_noise, make_private, round_plan, steps_taken, validate_dp_settings
-from privacy.ledger import PrivacyLedger, dp_off_record, site_record_from_charge, site_refusal_record
+from privacy.accounting import calibrate_noise, filter_epsilon, pld_epsilon
+from privacy.dp_training import (
+    SiteRandomness,
+    UnitDataset,
+    make_private,
+    steps_taken,
+    train_units,
+    unit_loader,
+    validate_dp_settings,
+)
+from privacy.ledger import SiteLedger, dp_off_record, site_record
 from privacy.site_budget import BudgetExceeded, SiteBudget
-
-DEFAULT_SITE_BUDGET = 8.0  # epsilon a site spends on one dataset unless its node config says otherwise
 
 
 @dataclass
 class SitePrivacy:
-    """A site's privacy settings and state: its own, from its node config, not the server's."""
+    """A site's privacy settings and state: from its own node config and disk, not the server."""
 
     site_id: str
-    state_dir: Path
-    epsilon_budget: float
-    delta: float
+    privacy_dir: Path
+    node: NodeConfig
 
-    @classmethod
-    def from_node_config(cls, node_config: Mapping, site_id: str, default_dir: Path, delta: float) -> "SitePrivacy":
-        """Node config keys `privacy-dir`, `epsilon-budget` and `delta` (default: the run's)."""
-        return cls(
-            site_id=site_id,
-            state_dir=Path(str(node_config.get("privacy-dir") or default_dir)).expanduser(),
-            epsilon_budget=float(node_config.get("epsilon-budget", DEFAULT_SITE_BUDGET)),
-            delta=float(node_config.get("delta", delta)),
-        )
-
-    def budget(self, fingerprint: str) -> SiteBudget:
-        return SiteBudget(self.state_dir / "budget", fingerprint, self.epsilon_budget, self.delta)
+    def budget(self) -> SiteBudget:
+        return SiteBudget(self.privacy_dir, self.node.epsilon_budget, self.node.delta, self.node.privacy_unit)
 
     def log(self, record: dict) -> dict:
-        """Append `record` to the site's own ledger; return it unchained, for the server's."""
-        PrivacyLedger(self.state_dir / "ledger.jsonl").append(dict(record))
-        return record
+        """Append ``record`` to the site's own signed ledger; return the signed record to send."""
+        return SiteLedger(self.privacy_dir).append(record)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The mechanism of one round at this site: what is charged and what Opacus runs."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    @classmethod
+    def for_site(cls, config: RunConfig, site: SitePrivacy, units: int) -> "RoundPlan":
+        """Poisson sampling over `units` at rate 1/ceil(units / batch-size), `local-epochs`
+        passes; the noise is the run's, or calibrated once for all its planned rounds."""
+        validate_dp_settings(
+            config.noise_multiplier or None, config.max_grad_norm, site.node.delta,
+            None if config.noise_multiplier else config.target_epsilon, units,
+        )
+        batches = math.ceil(units / config.batch_size)
+        sample_rate, steps = 1.0 / batches, config.local_epochs * batches
+        sigma = config.noise_multiplier or calibrate_noise(
+            config.target_epsilon, site.node.delta, sample_rate, steps * config.num_server_rounds
+        )
+        return cls(sigma, sample_rate, steps)
 
 
 @dataclass
 class RoundOutcome:
-    """What a round did: training stats (None when refused) and its ledger record."""
+    """What a round did: whether the model was trained, and its signed ledger record."""
 
-    stats: EpochStats | None
+    trained: bool
     record: dict
 
     @property
@@ -66,53 +94,79 @@ class RoundOutcome:
         return bool(self.record.get("refused"))
 
 
-def train_round(
-    model: torch.nn.Module,
-    train: ClipSet,
-    fingerprint: str,
-    config: RunConfig,
-    site: SitePrivacy,
-    run_id: str,
-    server_round: int,
-    device: torch.device,
+def private_round(
+    model: torch.nn.Module, data: SiteData, config: RunConfig, site: SitePrivacy, run_id: str,
+    server_round: int, device: torch.device,
 ) -> RoundOutcome:
-    """Train `local-epochs` on `train`, under DP-SGD unless the run config says `dp = false`."""
-    task = get_task(config.task)
-    loader = DataLoader(task.examples(train), batch_size=config.batch_size, shuffle=True)
-    optimizer = make_optimizer(model, config.learning_rate)
+    """Train `model` in place for `local-epochs` on the site's units under DP-SGD (see module doc)."""
     if not config.dp:
-        stats = train_epochs(model, loader, optimizer, config.local_epochs, device, task.step_loss)
-        record = dp_off_record(run_id=run_id, round=server_round, site_id=site.site_id, epsilon_budget=site.epsilon_budget)
-        return RoundOutcome(stats, site.log(record))
-
-    validate_dp_settings(
-        config.noise_multiplier or None, config.max_grad_norm, site.delta,
-        None if config.noise_multiplier else config.target_epsilon, len(train),
-    )
-    sample_rate, steps = round_plan(loader, config.local_epochs)
-    # Calibrated once for the whole planned run, so every round uses the same noise.
-    sigma = config.noise_multiplier or calibrate_noise(
-        config.target_epsilon, site.delta, sample_rate, steps * config.num_server_rounds
-    )
-    budget = site.budget(fingerprint)
+        return _non_private_round(model, data, config, site, run_id, server_round, device)
+    task, units = get_task(config.task), data.units
+    plan = RoundPlan.for_site(config, site, len(units))  # a bad setting is refused before anything is written
+    budget = site.budget()
+    mechanism = dict(site_id=site.site_id, run_id=run_id, round=server_round, unit=units.kind,
+                     clips_per_unit=config.clips_per_unit, sample_rate=plan.sample_rate,
+                     noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                     delta=budget.delta, epsilon_budget=budget.epsilon_budget,
+                     randomness="seeded" if site.node.seed is not None else "os-entropy")
     try:
-        charge = budget.charge(sigma, sample_rate, steps, round_id=server_round, run_id=run_id, max_grad_norm=config.max_grad_norm)
+        charge = budget.charge(units.ids, plan.noise_multiplier, plan.sample_rate, plan.steps,
+                               run_id=run_id, round=server_round, max_grad_norm=config.max_grad_norm)
     except BudgetExceeded as refusal:
-        record = site_refusal_record(
-            budget, str(refusal), site_id=site.site_id, run_id=run_id, round=server_round,
-            noise_multiplier=sigma, sample_rate=sample_rate, requested_steps=steps, max_grad_norm=config.max_grad_norm,
-        )
-        return RoundOutcome(None, site.log(record))
+        return RoundOutcome(False, site.log(_refusal(budget, mechanism, str(refusal))))
+    history = charge["history"]
+    record = site.log(site_record(
+        **mechanism, local_steps=plan.steps,
+        epsilon_round=filter_epsilon([(plan.noise_multiplier, plan.sample_rate, plan.steps)], budget.delta),
+        epsilon_cumulative=filter_epsilon(history, budget.delta), epsilon_pld=pld_epsilon(history, budget.delta),
+        history=history, released_without_dp=budget.released_count(),
+    ))
+    randomness = SiteRandomness.for_site(device, site.node.seed)
+    dataset = UnitDataset(task.examples(data.train), units.members, config.clips_per_unit, randomness.sampling)
     model.train()  # Opacus validates the mode: a model just evaluated must train again
     private_model, optimizer, loader = make_private(
-        model, optimizer, loader, sigma, config.max_grad_norm, config.grad_sample_mode, max_steps=steps
+        model, make_optimizer(model, config.learning_rate), unit_loader(dataset, config.batch_size, randomness.sampling),
+        plan.noise_multiplier, config.max_grad_norm, config.grad_sample_mode, poisson_sampling=False,
+        max_steps=plan.steps, noise_generator=randomness.noise,
     )
     try:
-        stats = train_epochs(private_model, loader, optimizer, config.local_epochs, device, task.step_loss)
+        train_units(private_model, loader, optimizer, config.local_epochs, device, task.step_loss)
     finally:
         private_model.remove_hooks()  # `model` trained in place; leave it a plain module again
-    budget.confirm(server_round, run_id, steps_taken(optimizer))
-    record = site_record_from_charge(
-        budget, charge, site_id=site.site_id, run_id=run_id, round=server_round, max_grad_norm=config.max_grad_norm
+    budget.confirm(run_id, server_round, steps_taken(optimizer))
+    return RoundOutcome(True, record)
+
+
+def _refusal(budget: SiteBudget, mechanism: dict, reason: str) -> dict:
+    """A refused round's record: nothing trained, the site's epsilon as it stands."""
+    history = list(budget.worst_history())
+    return site_record(
+        **mechanism, local_steps=0, epsilon_round=0.0, epsilon_cumulative=budget.epsilon(),
+        epsilon_pld=budget.epsilon_pld(), history=history, released_without_dp=budget.released_count(),
+        refused=True, refused_reason=reason,
     )
-    return RoundOutcome(stats, site.log(record))
+
+
+def _non_private_round(
+    model: torch.nn.Module, data: SiteData, config: RunConfig, site: SitePrivacy, run_id: str,
+    server_round: int, device: torch.device,
+) -> RoundOutcome:
+    """`dp = false`: trained only when the site's node config allows it, and then every unit is
+    recorded as released without DP (its epsilon is infinite from now on)."""
+    budget = site.budget()
+    if not site.node.allow_non_private:
+        mechanism = dict(site_id=site.site_id, run_id=run_id, round=server_round, unit=data.units.kind,
+                         clips_per_unit=config.clips_per_unit, sample_rate=1.0, noise_multiplier=0.0,
+                         max_grad_norm=config.max_grad_norm, delta=budget.delta,
+                         epsilon_budget=budget.epsilon_budget,
+                         randomness="seeded" if site.node.seed is not None else "os-entropy")
+        reason = "the run asks for dp = false; this site's node config does not allow non-private rounds"
+        return RoundOutcome(False, site.log(_refusal(budget, mechanism, reason)))
+    task = get_task(config.task)
+    budget.release_without_dp(data.units.ids, run_id=run_id, round=server_round, what="non-private training round")
+    record = site.log(dp_off_record(run_id=run_id, round=server_round, site_id=site.site_id,
+                                    reason="dp = false, allowed by node config allow-non-private",
+                                    epsilon_budget=budget.epsilon_budget, unit=data.units.kind))
+    loader = DataLoader(task.examples(data.train), batch_size=config.batch_size, shuffle=True)
+    train_epochs(model, loader, make_optimizer(model, config.learning_rate), config.local_epochs, device, task.step_loss)
+    return RoundOutcome(True, record)

@@ -26,7 +26,8 @@ class RunConfig:
     num_server_rounds: int = 16
     local_epochs: int = 3
     learning_rate: float = 0.003
-    batch_size: int = 64
+    batch_size: int = 32
+    clips_per_unit: int = 2
     clip_frames: int = 8
     frame_stride: int = 2
     frame_size: int = 48
@@ -78,7 +79,7 @@ class RunConfig:
     def check(self) -> None:
         """Raise ValueError naming the key of the first bad value."""
         check_model_choice(self.task, self.model, self.model_size)
-        positive = ("num_server_rounds", "local_epochs", "batch_size", "clip_frames", "frame_stride", "min_sites")
+        positive = ("num_server_rounds", "local_epochs", "batch_size", "clips_per_unit", "clip_frames", "frame_stride", "min_sites")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_key(name)} = {getattr(self, name)} must be at least 1")

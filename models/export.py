@@ -373,7 +373,7 @@ def export_run(
         raise ValueError(f"{run_dir} trained task = {spec.task!r}: fedvid export distils and quantizes classifiers only")
     out_dir.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
-    anonymizer, cache, geometry = site_anonymizer(), cache_dir({}), clip_spec(config)
+    anonymizer, cache, geometry = site_anonymizer(), cache_dir(), clip_spec(config)
 
     transfer_dir = Path(transfer) if transfer else synthetic_transfer_dir(fedvid_home())
     say(f"transfer set: {transfer_dir}")

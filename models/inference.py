@@ -30,7 +30,7 @@ def seed_clips(classes: tuple[str, ...], config, per_class: int, folder: Path | 
     from models.distill import load_transfer_set, synthetic_transfer_dir
 
     folder = Path(folder) if folder else synthetic_transfer_dir(fedvid_home())
-    clipset = load_transfer_set(folder, classes, clip_spec(config), site_anonymizer(), cache_dir({}))
+    clipset = load_transfer_set(folder, classes, clip_spec(config), site_anonymizer(), cache_dir())
     picks = [np.flatnonzero(clipset.labels == c)[:per_class] for c in range(len(classes))]
     if any(len(p) == 0 for p in picks):
         missing = [classes[c] for c, p in enumerate(picks) if len(p) == 0]

@@ -1,36 +1,38 @@
-"""The Opacus DP-SGD wrapper the ClientApp calls, plus update clipping for central DP.
+"""Opacus DP-SGD over privacy units, with the site's own randomness; update clipping.
 
-A round at a site, with one source of truth for accounting (see `privacy.site_budget`)::
+The DP example is a privacy UNIT (a video, a person, or a clip by explicit opt-in), not a
+clip. Multi-clip DP-SGD (Luo et al., WACV 2024): Poisson sampling over units; each sampled
+unit gives up to `clips-per-unit` of its clips, drawn afresh every step; the clips go through
+the model as rows of one batch, Opacus computes a gradient per row, and `pool_grad_samples`
+averages the rows of each unit into ONE per-unit gradient before Opacus clips and noises it.
+So the clipping norm bounds what a whole unit changes, whatever its number of clips.
 
-    q, steps = round_plan(train_loader, local_epochs)
-    charge = budget.charge(sigma, q, steps, round_id=rnd, run_id=run)  # write-ahead
-    model, opt, loader = make_private(model, opt, train_loader, sigma, max_grad_norm,
-                                      max_steps=steps)
-    ... plain training loop over `loader` for `local_epochs` epochs ...
-    budget.confirm(rnd, run, steps_taken(opt))                          # audit only
+Randomness: the Poisson masks, the clips drawn per unit and the Gaussian noise come from
+`SiteRandomness`, generators seeded from the operating system's entropy at the site, never
+from the run config (whoever knows the seed can replay the noise and subtract it).
 
-`make_private` uses a FRESH `opacus.PrivacyEngine` each call: its accountant only sees this
-round's steps and is never persisted (the site budget was charged before training), so no
-step is counted twice; the engine's step hook also refuses any step beyond ``max_steps``, so
-no step is taken uncharged. Sigma is calibrated ONCE for the whole plan with
-`calibrate_noise` (rounds * epochs / q steps), not per round.
+`make_private` uses a FRESH `opacus.PrivacyEngine` per round: its accountant is thrown away
+(the site budget, charged before training, is the record) and its step hook refuses any step
+beyond the charged count.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
@@ -86,42 +88,10 @@ def validate_dp_settings(
     if float(delta) >= 1.0 / dataset_size:
         raise ValueError(
             f"delta must be < 1/N = 1/{dataset_size} = {1.0 / dataset_size:.3g} "
-            f"(N = training examples at the site), got {delta!r}"
+            f"(N = privacy units at the site), got {delta!r}"
         )
     positive("update-clip-norm", update_clip_norm)
     positive("server-noise-multiplier", server_noise_multiplier)
-
-
-def calibrate_noise(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str = "prv",
-) -> float:
-    """Noise multiplier reaching ``target_epsilon`` after ``steps`` steps at ``sample_rate``.
-
-    Calibrate ONCE for the whole plan: ``steps = rounds * epochs * round(1/q)``. The result
-    is the smallest sigma found (Opacus's bisection, tolerance 0.01) whose epsilon is
-    <= target.
-    """
-    if not (target_epsilon > 0):
-        raise ValueError(f"target-epsilon must be > 0, got {target_epsilon!r}")
-    if not (0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not (0 < sample_rate <= 1):
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate!r}")
-    if int(steps) != steps or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=float(target_epsilon),
-            target_delta=float(delta),
-            sample_rate=float(sample_rate),
-            steps=int(steps),
-            accountant=accountant,
-        )
-    )
 
 
 def round_plan(data_loader: DataLoader, epochs: int) -> tuple[float, int]:
@@ -179,6 +149,84 @@ def incompatible_layers(model: nn.Module) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class SiteRandomness:
+    """The generators of a site's DP step. ``sampling`` (CPU) draws the Poisson masks and the
+    clips of each unit; ``noise`` (on the training device) draws the Gaussian noise."""
+
+    sampling: torch.Generator
+    noise: torch.Generator
+    kind: str  # "os-entropy", or "seeded" (node-config `dp-seed`: tests and comparisons only)
+
+    @classmethod
+    def for_site(cls, device: torch.device, seed: int | None = None) -> "SiteRandomness":
+        """Fresh generators from `os.urandom`, or from ``seed`` when the site asked for it."""
+        seeds = (seed, seed + 1) if seed is not None else (int.from_bytes(os.urandom(8), "little") for _ in range(2))
+        sampling_seed, noise_seed = seeds
+        sampling = torch.Generator(device="cpu").manual_seed(sampling_seed)
+        noise = torch.Generator(device=device).manual_seed(noise_seed)
+        return cls(sampling, noise, "seeded" if seed is not None else "os-entropy")
+
+
+class UnitDataset(Dataset):
+    """One item per privacy unit: up to ``clips_per_unit`` of its examples, drawn afresh with
+    the site's generator every time the unit is sampled."""
+
+    def __init__(self, examples: Dataset, units: Sequence[Sequence[int]], clips_per_unit: int,
+                 generator: torch.Generator):
+        if clips_per_unit < 1:
+            raise ValueError(f"clips-per-unit = {clips_per_unit} must be at least 1")
+        if not units or any(len(u) == 0 for u in units):
+            raise ValueError("every privacy unit needs at least one example")
+        self.examples, self.units = examples, [list(u) for u in units]
+        self.clips_per_unit, self.generator = clips_per_unit, generator
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, unit: int) -> list[tuple]:
+        members = self.units[unit]
+        if len(members) > self.clips_per_unit:
+            order = torch.randperm(len(members), generator=self.generator)[: self.clips_per_unit]
+            members = [members[i] for i in order.tolist()]
+        return [tuple(self.examples[i]) for i in members]
+
+
+def collate_units(batch: list[list[tuple]]) -> tuple[torch.Tensor, ...]:
+    """Sampled units -> ``(unit_index, *fields)``: every clip a row, ``unit_index[row]`` its unit."""
+    rows = [example for unit in batch for example in unit]
+    unit_index = torch.tensor([u for u, unit in enumerate(batch) for _ in unit], dtype=torch.long)
+    return (unit_index, *default_collate(rows))
+
+
+def unit_loader(dataset: UnitDataset, batch_size: int, generator: torch.Generator) -> DPDataLoader:
+    """Poisson sampling over units at rate 1/ceil(N / batch_size), with the site's generator.
+
+    Built here, not by `PrivacyEngine.make_private`: its loader would draw the masks from its
+    secure RNG, which is None without secure mode, i.e. from torch's global RNG."""
+    plain = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_units)
+    return DPDataLoader.from_data_loader(plain, generator=generator)
+
+
+def pool_grad_samples(model: nn.Module, unit_index: torch.Tensor) -> None:
+    """Replace each parameter's per-row gradients with per-unit gradients: the mean of the
+    rows of each unit (its loss is the mean of its clips' losses). Call between backward and
+    the optimizer step, so that Opacus clips and noises one gradient per unit."""
+    units = int(unit_index.max()) + 1
+    counts = torch.bincount(unit_index, minlength=units)
+    for p in model.parameters():
+        if not p.requires_grad or getattr(p, "grad_sample", None) is None:
+            continue
+        if not isinstance(p.grad_sample, torch.Tensor):
+            raise TypeError("per-unit pooling needs one backward pass per step (no gradient accumulation)")
+        rows = p.grad_sample
+        if rows.shape[0] != len(unit_index):
+            raise ValueError(f"{rows.shape[0]} per-row gradients for {len(unit_index)} rows")
+        index = unit_index.to(rows.device)
+        pooled = torch.zeros((units, *rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_add_(0, index, rows)
+        p.grad_sample = pooled / counts.to(rows.device, rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -194,22 +242,16 @@ def make_private(
 ) -> tuple[Any, ...]:
     """Wrap (model, optimizer, data_loader) for DP-SGD with a fresh `opacus.PrivacyEngine`.
 
-    Returns ``(model, optimizer, data_loader)``; with ``grad_sample_mode="ghost"`` returns
-    ``(model, optimizer, criterion, data_loader)`` like Opacus and REQUIRES ``criterion``:
-    the returned criterion must be used for the loss, because backward on the original
-    criterion silently skips clipping.
+    Pass a loader that already samples (`unit_loader`, with the site's generator) and
+    ``poisson_sampling=False``; ``poisson_sampling=True`` lets Opacus build the loader from
+    torch's global RNG and is kept for tests and benchmarks only. ``noise_generator`` must live
+    on the training device. Returns ``(model, optimizer, data_loader)``; with
+    ``grad_sample_mode="ghost"`` ``(model, optimizer, criterion, data_loader)`` like Opacus,
+    and the returned criterion must be used (backward on another silently skips clipping).
 
-    Steps per epoch: under Poisson sampling (the default, assumed by the accountant) the
-    returned loader yields exactly len(data_loader) = 1/q batches per epoch, each of random
-    size with expectation batch_size (see `round_plan`).
-
-    ``max_steps``: the number of steps charged for this round; a further optimizer step
-    raises `StepLimitExceeded` before it changes the parameters. `steps_taken(optimizer)`
-    reports the steps done. The engine's own accountant is discarded (the site budget is the
-    record), so never read epsilon from it.
-
-    Raises `IncompatibleModelError` listing every layer Opacus refuses (BatchNorm, LSTM...;
-    ``opacus.validators.ModuleValidator.fix`` swaps most of them).
+    ``max_steps``: the steps charged for this round; a further optimizer step raises
+    `StepLimitExceeded` before it changes the parameters. Raises `IncompatibleModelError`
+    listing every layer Opacus refuses.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
@@ -253,6 +295,38 @@ def make_private(
     dp_optimizer = wrapped[1]
     dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps))
     return wrapped
+
+
+def train_units(
+    model: nn.Module, loader: DataLoader, optimizer: DPOptimizer, epochs: int, device: torch.device,
+    step_loss: Callable[..., torch.Tensor],
+) -> int:
+    """DP-SGD over `unit_loader` batches for ``epochs`` epochs; returns the units seen.
+
+    No loss or count leaves this function for the reply: it is the site's private data."""
+    model.train()
+    seen = 0
+    for _ in range(epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(batch) == 0 or len(batch[0]) == 0:
+                _empty_step(model, optimizer)
+                continue
+            unit_index, *fields = batch
+            step_loss(model, *[t.to(device) for t in fields]).backward()
+            pool_grad_samples(model, unit_index)
+            optimizer.step()
+            seen += int(unit_index.max()) + 1
+    return seen
+
+
+def _empty_step(model: nn.Module, optimizer: DPOptimizer) -> None:
+    """Poisson sampling drew no unit: the step still happens, noise only. Skipping it would let
+    the model tell that a step was empty, which depends on how many units the site has."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
 
 
 def steps_taken(optimizer: DPOptimizer) -> int:

@@ -1,31 +1,17 @@
-"""A site's persistent differential-privacy budget (sample-level DP-SGD).
+"""A site's persistent privacy budget, accounted per privacy unit (a video, a person or a clip).
 
-One `SiteBudget` per site dataset. Its state file, ``state_dir/<fingerprint>.json``, is keyed
-by the dataset fingerprint ALONE: changing the noise multiplier, the clipping norm, the model
-or the run does not reset the budget; the history simply gains entries taken under the new
-settings and they all compose.
+One file per site, ``PRIVACY_DIR/budget.json``, whatever the run, the split or the dataset
+version. It holds every round the site charged (its mechanism: noise multiplier, sample rate,
+steps) and, for every unit, the rounds in which that unit could have been sampled. A unit's
+epsilon is the composition of its own rounds; the site's epsilon is the maximum over its units.
+So a new seed, another validation fraction, an added or re-encoded video never resets
+anything: old units keep their history and a new unit starts at zero.
 
-Single source of truth
-----------------------
-The persisted history of ``(noise_multiplier, sample_rate, steps)`` in this file is the only
-privacy record of the site. It is written AHEAD of training: the ClientApp calls
-``charge(sigma, q, steps, ...)`` before its first DP step of the round, the charge is fsynced
-and atomically renamed into place, and only then does training start. Consequences:
+The budget is enforced with the RDP filter (`privacy.accounting.filter_epsilon`), because the
+coordinator chooses every round's mechanism; the PLD figure is reported beside it.
 
-* a process killed mid-round never loses a step it took: the round was charged in full before
-  the first step. It may over-count a round that crashed part-way (the whole round stays
-  charged); that is the safe direction, and epsilon on record never goes back;
-* the Opacus `PrivacyEngine` used for training must NOT be the thing that is persisted: its
-  accountant also records each step it takes, so persisting it (or stepping the accountant
-  returned by :meth:`SiteBudget.accountant` and saving that) would count every step twice.
-  `privacy.dp_training.make_private` therefore builds a FRESH engine each round whose
-  accountant only sees that round's steps and is thrown away; its step hook doubles as a
-  guard that refuses any step beyond the charged count, so no step can happen uncharged;
-* :meth:`SiteBudget.accountant` returns a snapshot (an Opacus accountant restored from the
-  charged history) for reporting or for tools that want an accountant object; stepping it
-  changes only that in-memory copy.
-
-Epsilon is computed by Opacus's accountants (PRV by default, RDP optionally), never by hand.
+Write-ahead: `charge` is fsynced and renamed into place BEFORE the first step of a round, and
+never refunded, so a process killed mid-round keeps the round charged.
 """
 
 from __future__ import annotations
@@ -33,355 +19,237 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import functools
-import hashlib
 import json
 import math
-import re
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-
+from privacy.accounting import (
+    UNITS,
+    History,
+    check_step_args,
+    decode_epsilon,
+    encode_epsilon,
+    filter_epsilon,
+    merge_history,
+    pld_epsilon,
+)
 from privacy.durable import atomic_write_json
-from privacy.ledger import encode_epsilon
 
-STATE_VERSION = 1
-ACCOUNTANTS = ("prv", "rdp")
-_FINGERPRINT_RE = re.compile(r"^[A-Za-z0-9_.-]{8,128}$")
-
-History = tuple[tuple[float, float, int], ...]
+STATE_VERSION = 2
+BUDGET_FILE = "budget.json"
 
 
 class BudgetExceeded(RuntimeError):
-    """A charge was refused because it would take the site past its epsilon budget."""
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with the ledger and the audit
-# --------------------------------------------------------------------------------------------
-
-
-def dataset_fingerprint(items: Iterable[tuple[str, str]]) -> str:
-    """SHA-256 hex digest over sorted ``(relative path, content hash)`` pairs.
-
-    Order-independent; a renamed, added, removed or changed video changes the fingerprint
-    (and therefore starts a new budget: it is a different dataset).
-    """
-    h = hashlib.sha256(b"fedvid-dataset-v1\n")
-    for rel, content in sorted((str(r), str(c)) for r, c in items):
-        if "\0" in rel or "\n" in rel or "\0" in content or "\n" in content:
-            raise ValueError(f"dataset item contains a NUL or newline: {rel!r}")
-        h.update(rel.encode() + b"\0" + content.encode() + b"\n")
-    return h.hexdigest()
-
-
-def merge_history(
-    history: Iterable[Sequence[float]],
-) -> list[tuple[float, float, int]]:
-    """Merge consecutive entries with the same (sigma, q), as Opacus's accountants do."""
-    out: list[tuple[float, float, int]] = []
-    for sigma, q, steps in history:
-        sigma, q, steps = float(sigma), float(q), int(steps)
-        if steps <= 0:
-            continue
-        if out and out[-1][0] == sigma and out[-1][1] == q:
-            out[-1] = (sigma, q, out[-1][2] + steps)
-        else:
-            out.append((sigma, q, steps))
-    return out
-
-
-def make_accountant(mechanism: str, history: Iterable[Sequence[float]] = ()) -> IAccountant:
-    """An Opacus accountant of ``mechanism`` ("prv" or "rdp") holding ``history``."""
-    if mechanism not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {mechanism!r}")
-    acc = PRVAccountant() if mechanism == "prv" else RDPAccountant()
-    hist = merge_history(history)
-    if hist:
-        acc.load_state_dict({"history": hist, "mechanism": mechanism})
-    return acc
-
-
-def composed_epsilon(
-    history: Iterable[Sequence[float]], delta: float, accountant: str = "prv"
-) -> float:
-    """Epsilon of the composition of ``[(sigma, q, steps), ...]`` at ``delta`` (Opacus).
-
-    Returns 0.0 for an empty history and ``inf`` when any entry has sigma == 0 (no noise).
-    For PRV the absolute error bound is tightened for small epsilons so the upper bound stays
-    within ~0.3% of the true value (Opacus's default is an absolute 0.01).
-    """
-    return _composed_epsilon(tuple(merge_history(history)), float(delta), accountant)
-
-
-@functools.lru_cache(maxsize=512)
-def _composed_epsilon(history: History, delta: float, accountant: str) -> float:
-    if not history:
-        return 0.0
-    if any(sigma <= 0 for sigma, _, _ in history):
-        return math.inf
-    acc = make_accountant(accountant, history)
-    with warnings.catch_warnings():
-        # PRV with q == 1 logs divide-by-zero warnings; RDP warns about its alpha range.
-        warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            return float(acc.get_epsilon(delta))
-        eps = float(acc.get_epsilon(delta, eps_error=0.01))
-        if eps < 3.0:  # 0.01 absolute would be >0.3% relative
-            eps = float(acc.get_epsilon(delta, eps_error=max(0.003 * eps, 1e-4)))
-        return eps
-
-
-# --------------------------------------------------------------------------------------------
-# SiteBudget
-# --------------------------------------------------------------------------------------------
+    """A charge was refused because it would take a unit past the site's epsilon budget."""
 
 
 class SiteBudget:
-    """A site's persistent (epsilon, delta) budget for sample-level DP-SGD.
+    """The (epsilon, delta) budget of one site's privacy units, kept in ``privacy_dir``.
 
-    Args:
-        state_dir: directory holding ``<dataset_fingerprint>.json`` (created if missing).
-        dataset_fingerprint: see :func:`dataset_fingerprint`; the ONLY key of the state.
-        epsilon_budget: the site's total epsilon; ``math.inf`` means "no budget" (still
-            accounted). May be changed between runs (the new value is stored).
-        delta: the site's delta. Fixed for the life of the state: reopening with a different
-            delta raises ``ValueError`` (epsilons at different deltas do not compare).
-        accountant: "prv" (default, tight) or "rdp" (looser, safe). Fixed for the life of the
-            state, like delta, so the figures on record stay comparable.
-
-    Every method re-reads the state file, so several `SiteBudget` objects (or processes,
-    serialised by a lock file) on the same directory always agree.
+    ``unit`` and ``delta`` are fixed for the life of the budget: reopening with others raises
+    ValueError, since epsilons of different units or deltas do not compose. The budget
+    (``epsilon_budget``) may change between runs; every change is recorded.
     """
 
-    def __init__(
-        self,
-        state_dir: Path,
-        dataset_fingerprint: str,
-        epsilon_budget: float,
-        delta: float,
-        accountant: str = "prv",
-    ) -> None:
-        if not _FINGERPRINT_RE.match(dataset_fingerprint):
-            raise ValueError(
-                f"dataset_fingerprint must be 8-128 chars of [A-Za-z0-9_.-], "
-                f"got {dataset_fingerprint!r}"
-            )
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        if not (0.0 < delta < 1.0):
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
+    def __init__(self, privacy_dir: Path, epsilon_budget: float, delta: float, unit: str = "video") -> None:
+        if unit not in UNITS:
+            raise ValueError(f"privacy-unit = {unit!r} must be one of {', '.join(UNITS)}")
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta = {delta} must be in (0, 1)")
         if math.isnan(epsilon_budget) or epsilon_budget <= 0:
-            raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget}")
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = dataset_fingerprint
-        self.epsilon_budget = float(epsilon_budget)
-        self.delta = float(delta)
-        self.mechanism = accountant
-        self.path = self.state_dir / f"{dataset_fingerprint}.json"
-        self._lock_path = self.state_dir / f".{dataset_fingerprint}.lock"
+            raise ValueError(f"epsilon-budget = {epsilon_budget} must be > 0")
+        self._attach(privacy_dir, epsilon_budget, delta, unit)
+        self.privacy_dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
             state = self._read()
             if state is None:
-                atomic_write_json(self.path, self._new_state())
-            else:
-                self._check_compatible(state)
-                if state["epsilon_budget"] != encode_epsilon(self.epsilon_budget):
-                    state["budget_changes"].append(
-                        {"at": _now(), "from": state["epsilon_budget"],
-                         "to": encode_epsilon(self.epsilon_budget)}
-                    )
-                    state["epsilon_budget"] = encode_epsilon(self.epsilon_budget)
-                    atomic_write_json(self.path, state)
+                state = {"version": STATE_VERSION, "unit": unit, "delta": self.delta, "accountant": "rdp",
+                         "epsilon_budget": encode_epsilon(self.epsilon_budget), "created_at": _now(),
+                         "budget_changes": [], "charges": [], "units": {}, "released": {}}
+                atomic_write_json(self.path, state)
+            self._check_compatible(state)
+            if decode_epsilon(state["epsilon_budget"]) != self.epsilon_budget:
+                state["budget_changes"].append({"at": _now(), "from": state["epsilon_budget"],
+                                                "to": encode_epsilon(self.epsilon_budget)})
+                state["epsilon_budget"] = encode_epsilon(self.epsilon_budget)
+                atomic_write_json(self.path, state)
+
+    @classmethod
+    def open_existing(cls, privacy_dir: Path) -> "SiteBudget":
+        """The budget already kept in ``privacy_dir``, opened read-only (nothing is written
+        until a charge); FileNotFoundError when there is none."""
+        path = Path(privacy_dir) / BUDGET_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no site budget here")
+        state = json.loads(path.read_text())
+        budget = cls.__new__(cls)
+        budget._attach(privacy_dir, decode_epsilon(state["epsilon_budget"]), state["delta"], state["unit"])
+        budget._check_compatible(state)
+        return budget
+
+    def _attach(self, privacy_dir: Path, epsilon_budget: float, delta: float, unit: str) -> None:
+        self.privacy_dir = Path(privacy_dir)
+        self.path = self.privacy_dir / BUDGET_FILE
+        self._lock_path = self.privacy_dir / f".{BUDGET_FILE}.lock"
+        self.epsilon_budget, self.delta, self.unit = float(epsilon_budget), float(delta), unit
 
     # -- reading ---------------------------------------------------------------------------
 
-    def history(self) -> list[tuple[float, float, int]]:
-        """The charged ``[(noise_multiplier, sample_rate, steps)]`` history (merged)."""
-        return [tuple(e) for e in self._load()["history"]]  # type: ignore[misc]
+    def charges(self) -> list[dict]:
+        """Every charged round: run_id, round, noise_multiplier, sample_rate, steps,
+        max_grad_norm, units, charged_at, steps_taken (None until confirmed)."""
+        return list(self._read_checked()["charges"])
 
-    def rounds(self) -> list[dict]:
-        """Per-round audit entries: round, run_id, steps, noise_multiplier, sample_rate,
-        max_grad_norm, epsilon_after, charged_at, steps_taken (None until confirmed)."""
-        return list(self._load()["rounds"])
+    def unit_count(self) -> int:
+        """Units the site ever charged a round to."""
+        return len(self._read_checked()["units"])
 
-    def total_steps(self) -> int:
-        """Total DP-SGD steps charged so far."""
-        return sum(s for _, _, s in self.history())
+    def released_count(self) -> int:
+        """Units whose exact evaluation left the site without DP (node-config opt-in)."""
+        return len(self._read_checked()["released"])
 
-    def spent(self) -> float:
-        """Epsilon spent so far at the site's delta (0.0 with no history)."""
-        return composed_epsilon(self.history(), self.delta, self.mechanism)
+    def unit_history(self, unit_id: str) -> History:
+        """The merged [(sigma, q, steps)] of the rounds `unit_id` could have been sampled in."""
+        state = self._read_checked()
+        return _history(state["charges"], state["units"].get(unit_id, ()))
 
-    def remaining(self) -> float:
-        """Budget left (``epsilon_budget - spent()``, may be negative only if over-charged
-        by an earlier, larger budget)."""
-        return self.epsilon_budget - self.spent()
+    def worst_history(self) -> History:
+        """The history of the unit with the largest epsilon (empty when nothing was charged)."""
+        return _worst(self._read_checked(), None, None, self.delta)[1]
 
-    def project(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon the site would have after adding ``steps`` at (sigma, q)."""
-        _check_step_args(noise_multiplier, sample_rate, steps)
-        hist = self.history() + [(float(noise_multiplier), float(sample_rate), int(steps))]
-        return composed_epsilon(hist, self.delta, self.mechanism)
+    def epsilon(self) -> float:
+        """The site's epsilon: the maximum over its units (inf once a unit was released without DP)."""
+        state = self._read_checked()
+        return math.inf if state["released"] else _worst(state, None, None, self.delta)[0]
 
-    def fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
-        """Whether charging these steps keeps the site within its budget."""
-        return self.project(noise_multiplier, sample_rate, steps) <= self.epsilon_budget
+    def epsilon_pld(self) -> float:
+        """PLD epsilon of the worst unit's history (reported beside the enforced figure)."""
+        state = self._read_checked()
+        return math.inf if state["released"] else pld_epsilon(self.worst_history(), self.delta)
 
-    def accountant(self) -> IAccountant:
-        """An Opacus accountant restored from the charged history (a snapshot).
-
-        Use it to read or report epsilon (``acc.get_epsilon(budget.delta)``). Do NOT persist
-        it after stepping it (e.g. after handing it to a PrivacyEngine and training): the
-        steps of a round are already in the history (charged write-ahead), so they would be
-        counted twice. Train with `privacy.dp_training.make_private`, which uses a fresh,
-        throw-away accountant per round.
-        """
-        return make_accountant(self.mechanism, self.history())
+    def project(self, units: Iterable[str], noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """The site's epsilon if a round of ``steps`` steps at (sigma, q) were charged to ``units``."""
+        check_step_args(noise_multiplier, sample_rate, steps)
+        entry = (float(noise_multiplier), float(sample_rate), int(steps))
+        return _worst(self._read_checked(), set(units), entry, self.delta)[0]
 
     # -- writing ---------------------------------------------------------------------------
 
     def charge(
-        self,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        *,
-        round_id: int | str | None = None,
-        run_id: str | None = None,
-        max_grad_norm: float | None = None,
+        self, units: Sequence[str], noise_multiplier: float, sample_rate: float, steps: int, *,
+        run_id: str, round: int, max_grad_norm: float,
     ) -> dict:
-        """WRITE-AHEAD charge of a coming round: record and fsync BEFORE training starts.
+        """WRITE-AHEAD charge of a coming round to every unit that may be sampled in it.
 
-        Raises `BudgetExceeded` (and leaves the state file untouched) if the charge would
-        take the site past its budget. On success returns the round's audit entry
-        (``epsilon_after`` etc.). If the process dies during the round, the full round stays
-        charged: epsilon on record may over-count a crashed round, never under-count.
+        Raises `BudgetExceeded`, leaving the file untouched, when a unit would go past the
+        budget (or a unit was already released without DP). Returns the charge entry with
+        ``epsilon_after`` (the site's epsilon once charged) and ``history`` (the worst unit's).
         """
-        _check_step_args(noise_multiplier, sample_rate, steps)
+        check_step_args(noise_multiplier, sample_rate, steps)
+        if not units:
+            raise ValueError("a round must be charged to at least one unit")
+        units = sorted(set(units))
+        entry = (float(noise_multiplier), float(sample_rate), int(steps))
         with self._locked():
-            state = self._load_unlocked()
-            hist = [tuple(e) for e in state["history"]]
-            before = composed_epsilon(hist, self.delta, self.mechanism)
-            new_hist = merge_history(
-                hist + [(float(noise_multiplier), float(sample_rate), int(steps))]
-            )
-            after = composed_epsilon(new_hist, self.delta, self.mechanism)
+            state = self._read_checked()
+            before, _ = _worst(state, None, None, self.delta)
+            after, history = _worst(state, set(units), entry, self.delta)
+            if state["released"]:
+                after = math.inf
             if after > self.epsilon_budget:
                 raise BudgetExceeded(
-                    f"site {self.fingerprint[:12]}: charging {steps} steps at "
-                    f"noise-multiplier={noise_multiplier}, sample-rate={sample_rate} would "
-                    f"take epsilon from {before:.4f} (spent) to {after:.4f} (projected), over "
-                    f"the site budget {self.epsilon_budget:g} (delta={self.delta:g}, "
-                    f"{self.mechanism})"
+                    f"charging {steps} steps at noise-multiplier={noise_multiplier:.4g}, "
+                    f"sample-rate={sample_rate:.4g} to {len(units)} {self.unit} units would take the site's "
+                    f"epsilon from {before:.4f} to {after:.4f}, over its budget {self.epsilon_budget:g} "
+                    f"(delta={self.delta:g}, RDP filter)"
                 )
-            entry = {
-                "round": round_id,
-                "run_id": run_id,
-                "steps": int(steps),
-                "noise_multiplier": float(noise_multiplier),
-                "sample_rate": float(sample_rate),
-                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
-                "epsilon_before": encode_epsilon(before),
-                "epsilon_after": encode_epsilon(after),
-                "charged_at": _now(),
-                "steps_taken": None,
-            }
-            state["history"] = [list(e) for e in new_hist]
-            state["rounds"].append(entry)
+            charge = {"run_id": str(run_id), "round": int(round), "noise_multiplier": entry[0],
+                      "sample_rate": entry[1], "steps": entry[2], "max_grad_norm": float(max_grad_norm),
+                      "units": len(units), "charged_at": _now(), "steps_taken": None,
+                      "epsilon_after": encode_epsilon(after)}
+            index = len(state["charges"])
+            state["charges"].append(charge)
+            for unit_id in units:
+                state["units"].setdefault(unit_id, []).append(index)
             atomic_write_json(self.path, state)
-        return dict(entry)
+        return dict(charge, history=[list(e) for e in history])
 
-    def confirm(self, round_id: int | str | None, run_id: str | None, steps_taken: int) -> None:
-        """Record the steps a charged round actually took (audit only; never refunds).
-
-        Raises ``RuntimeError`` if more steps were taken than charged: those steps would be
-        unaccounted (`make_private(max_steps=...)` prevents this).
-        """
+    def confirm(self, run_id: str, round: int, steps_taken: int) -> None:
+        """Record the steps a charged round took (never refunds); more than charged is an error."""
         with self._locked():
-            state = self._load_unlocked()
-            for entry in reversed(state["rounds"]):
-                if entry["round"] == round_id and entry["run_id"] == run_id:
-                    if steps_taken > entry["steps"]:
-                        raise RuntimeError(
-                            f"round {round_id} took {steps_taken} steps but only "
-                            f"{entry['steps']} were charged: privacy accounting violated"
-                        )
-                    entry["steps_taken"] = int(steps_taken)
+            state = self._read_checked()
+            for charge in reversed(state["charges"]):
+                if charge["run_id"] == str(run_id) and charge["round"] == int(round):
+                    if steps_taken > charge["steps"]:
+                        raise RuntimeError(f"round {round} took {steps_taken} steps but only {charge['steps']} "
+                                           "were charged: privacy accounting violated")
+                    charge["steps_taken"] = int(steps_taken)
                     atomic_write_json(self.path, state)
                     return
-        raise KeyError(f"no charged round {round_id!r} of run {run_id!r}")
+        raise KeyError(f"no charged round {round!r} of run {run_id!r}")
+
+    def release_without_dp(self, units: Sequence[str], *, run_id: str, round: int, what: str) -> None:
+        """Record that exact results on ``units`` left the site: they have no DP guarantee now."""
+        with self._locked():
+            state = self._read_checked()
+            for unit_id in units:
+                state["released"].setdefault(unit_id, []).append({"run_id": str(run_id), "round": int(round),
+                                                                  "what": what, "at": _now()})
+            atomic_write_json(self.path, state)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _new_state(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "dataset_fingerprint": self.fingerprint,
-            "delta": self.delta,
-            "accountant": self.mechanism,
-            "epsilon_budget": encode_epsilon(self.epsilon_budget),
-            "created_at": _now(),
-            "history": [],
-            "rounds": [],
-            "budget_changes": [],
-        }
-
     def _check_compatible(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{self.path}: unsupported state version {state.get('version')}")
-        if state["dataset_fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.path}: fingerprint mismatch")
-        if state["delta"] != self.delta:
-            raise ValueError(
-                f"{self.path}: the site's delta is {state['delta']} but {self.delta} was "
-                f"given; delta is fixed for the life of a site budget"
-            )
-        if state["accountant"] != self.mechanism:
-            raise ValueError(
-                f"{self.path}: the site's accountant is {state['accountant']!r} but "
-                f"{self.mechanism!r} was given; it is fixed for the life of a site budget"
-            )
+            raise ValueError(f"{self.path}: unsupported budget version {state.get('version')}")
+        for key, mine in (("unit", self.unit), ("delta", self.delta)):
+            if state[key] != mine:
+                raise ValueError(f"{self.path}: the site's {key} is {state[key]!r} but {mine!r} was given; "
+                                 f"it is fixed for the life of a site budget")
 
     def _read(self) -> dict | None:
         try:
-            with open(self.path, "rb") as f:
-                return json.load(f)
+            return json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
 
-    def _load_unlocked(self) -> dict:
+    def _read_checked(self) -> dict:
+        # Readers need no lock: the file is only ever replaced atomically.
         state = self._read()
         if state is None:
-            raise FileNotFoundError(f"site budget state vanished: {self.path}")
+            raise FileNotFoundError(f"site budget vanished: {self.path}")
         self._check_compatible(state)
         return state
 
-    def _load(self) -> dict:
-        # Readers need no lock: the file is only ever replaced atomically.
-        return self._load_unlocked()
-
     @contextlib.contextmanager
     def _locked(self):
-        with open(self._lock_path, "a+b") as lf:
-            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            yield
 
 
-def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"noise-multiplier must be finite and >= 0, got {noise_multiplier}")
-    if not (0.0 < sample_rate <= 1.0):
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    if int(steps) != steps or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+def _history(charges: list[dict], indices: Iterable[int]) -> History:
+    return merge_history((charges[i]["noise_multiplier"], charges[i]["sample_rate"], charges[i]["steps"])
+                         for i in indices)
+
+
+def _worst(state: dict, charged: set[str] | None, entry: tuple | None, delta: float) -> tuple[float, History]:
+    """(epsilon, history) of the worst unit, with ``entry`` added to the units in ``charged``.
+
+    Units that took part in the same rounds share a history, so each distinct one is
+    composed once. A unit never charged before, now charged, starts from an empty history."""
+    histories: set[History] = set()
+    for unit_id, indices in state["units"].items():
+        history = _history(state["charges"], indices)
+        if charged is not None and unit_id in charged:
+            history = merge_history(list(history) + [entry])
+        histories.add(history)
+    if charged is not None and entry is not None and charged - state["units"].keys():
+        histories.add(merge_history([entry]))
+    if not histories:
+        return 0.0, ()
+    return max((filter_epsilon(h, delta), h) for h in histories)
 
 
 def _now() -> str:

@@ -86,18 +86,20 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedvid: all %s rounds were complete already", config.num_server_rounds)
         return
 
-    # Uniform weights when the server adds noise: its noise is calibrated to clip / sites.
+    ledger_run_id = point.run_id if point else str(context.run_id)  # one logical run across restarts
+    central = CentralPrivacy(config, run.path / "ledger.jsonl", ledger_run_id, total_sites=len(list(grid.get_node_ids())))
+    # Sites are averaged uniformly: a site's size is not sent (it is private). With central
+    # noise the average is over the fixed number of sampled sites (see server.central_privacy).
     strategy = make_strategy(
         config.aggregation,
+        fixed_denominator=central.sites_expected if central.noised else None,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites,
         min_available_nodes=config.min_sites,
-        weighted_by_key="site-weight" if config.server_noise_multiplier > 0 else "num-examples",
+        weighted_by_key="site-weight",
     )
-    ledger_run_id = point.run_id if point else str(context.run_id)  # one logical run across restarts
-    central = CentralPrivacy(config, run.path / "ledger.jsonl", ledger_run_id, total_sites=len(list(grid.get_node_ids())))
     central.rounds = point.central_rounds if point else 0
     guard = UpdateGuard(central.wrap(strategy), update_norm_limit(config))
     running = RoundOffset(guard, done) if done else guard
@@ -119,7 +121,8 @@ def main(grid: Grid, context: Context) -> None:
         if f"{source}-{task.headline}" in metrics:  # the round's headline, e.g. `accuracy` or `map50`
             metrics.update({task.headline: metrics[f"{source}-{task.headline}"], "loss": metrics[f"{source}-loss"]})
         if server_round > 0:
-            metrics.update(central.record_round(server_round, strategy.ledger_records + guard.rejected_ledger_records))
+            metrics.update(central.record_round(server_round, strategy.ledger_records + guard.rejected_ledger_records,
+                                                sites_contributed=int(strategy.round_metrics.get("sites-trained", 0))))
         seconds = time.perf_counter() - clock["start"]
         metrics["seconds"] = seconds
         run.record_round(

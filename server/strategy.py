@@ -10,17 +10,22 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 # Counts add up across sites; everything else is averaged weighted by examples.
-SUMMED_METRICS = ("num-examples", "faces-blurred", "videos-skipped")
+SUMMED_METRICS = ("num-examples",)
 
 
 def aggregate_site_metrics(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Example-weighted mean of each metric, except counts, which are summed."""
+    """Weighted mean of each metric, except counts, which are summed. Sites that sent no metric
+    (the default: exact evaluation stays at the site) are left out."""
     records = [next(iter(c.metric_records.values())) for c in contents]
+    records = [r for r in records if weighting_key in r]
+    if not records:
+        return MetricRecord({})
     weights = [float(r[weighting_key]) for r in records]
     total = sum(weights)
     merged: dict[str, float] = {}
@@ -40,15 +45,37 @@ def site_name(msg: Message) -> str:
 
 
 class RecordingStrategy:
-    """Mixin for a FedAvg-family strategy: its last round's metrics can be read back."""
+    """Mixin for a FedAvg-family strategy: its last round's metrics can be read back.
 
-    def __init__(self, **kwargs):
+    With ``fixed_denominator`` n (central DP) the new model is the global one plus the SUM of
+    the trained sites' updates divided by n, the number of sites sampled: a site that refused,
+    failed or was rejected counts as a zero update, so one site changes the average by at most
+    clip / n, the sensitivity the central noise is calibrated to.
+    """
+
+    def __init__(self, fixed_denominator: int | None = None, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_site_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_site_metrics)
         super().__init__(**kwargs)
+        self.fixed_denominator = fixed_denominator
+        self.global_arrays: ArrayRecord | None = None
         self.round_metrics: dict[str, float] = {}
         self.site_metrics: list[dict] = []
         self.ledger_records: list[dict] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _sum_over_fixed_denominator(self, trained: list[Message]) -> ArrayRecord:
+        reference = self.global_arrays.to_numpy_ndarrays()
+        total = [np.zeros(r.shape, np.float64) for r in reference]
+        for msg in trained:
+            update = next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
+            for t, new, old in zip(total, update, reference, strict=True):
+                t += new.astype(np.float64) - old.astype(np.float64)
+        averaged = [(old + t / self.fixed_denominator).astype(old.dtype) for old, t in zip(reference, total)]
+        return ArrayRecord({k: Array(v) for k, v in zip(self.global_arrays.keys(), averaged, strict=True)})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -58,7 +85,10 @@ class RecordingStrategy:
         answered = [m for m in replies if not m.has_error()]
         self.ledger_records = [json.loads(m.content["site"]["ledger-record"]) for m in answered if "site" in m.content]
         trained = [m for m in answered if not _refused(m)]
-        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
+        if self.fixed_denominator and trained:
+            arrays, metrics = self._sum_over_fixed_denominator(trained), MetricRecord({})
+        else:
+            arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
         self.round_metrics = {
             "sites-trained": len(trained),
             "sites-refused": len(answered) - len(trained),
@@ -71,7 +101,9 @@ class RecordingStrategy:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
+        """Average the metrics of the sites that sent any (exact evaluation is a site's opt-in)."""
+        replies = [m for m in replies if self.weighted_by_key in next(iter(m.content.metric_records.values()), {})]
+        metrics = super().aggregate_evaluate(server_round, replies) if replies else None
         self.round_metrics.update(_renamed(metrics, "num-examples", "val-examples"))
         return metrics
 

@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from privacy.ledger import KINDS
+from privacy.ledger import SITE_KINDS
 
 # Clients clip their update to exactly `update-clip-norm` (fixedclipping_mod) in DP runs; this
 # slack covers float32 rounding and is still far below what a broken or hostile site sends.
@@ -95,11 +95,11 @@ def _ledger_record_problem(site: ConfigRecord) -> str | None:
         record = json.loads(str(raw))
     except ValueError:
         return "ledger record is not JSON"
-    if not isinstance(record, dict) or record.get("kind") not in KINDS:
-        return "ledger record has no valid kind"
+    if not isinstance(record, dict) or record.get("kind") not in SITE_KINDS:
+        return "ledger record is not of a kind a site may send"
     if {"seq", "prev_hash", "hash"} & record.keys():
         return "ledger record sets chain fields"
-    if record.get("kind") == "site" and str(record.get("site_id")) != str(site.get("site-id")):
+    if str(record.get("site_id")) != str(site.get("site-id")):
         return "ledger record names another site"
     return None
 
@@ -113,6 +113,7 @@ class UpdateGuard(Strategy):
         self.failed: list[str] = []
         self.rejected: list[dict] = []
         self.rejected_ledger_records: list[dict] = []
+        self.node_of_site: dict[str, int] = {}  # a site id, once seen, belongs to that node
 
     def round_report(self) -> dict:
         """The last training round's failures and rejections, for the metrics line."""
@@ -131,20 +132,27 @@ class UpdateGuard(Strategy):
                 self.failed.append(f"node-{msg.metadata.src_node_id}")
                 log(WARNING, "fedvid: round %s: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
-            problem = reply_problem(msg, self.reference, self.norm_limit)
+            impostor = self._impersonation(msg)
+            problem = impostor or reply_problem(msg, self.reference, self.norm_limit)
             if problem is None:
                 accepted.append(msg)
                 continue
             site = site_of(msg)
             self.rejected.append({"site": site, "reason": problem})
             log(WARNING, "fedvid: round %s: rejected the update of site %s: %s", server_round, site, problem)
-            record = _site_ledger_record(msg)
+            record = None if impostor else _site_ledger_record(msg)
             if record is not None:  # the site did spend budget on the round: keep its record
                 self.rejected_ledger_records.append(record)
         if not accepted:
             log(WARNING, "fedvid: round %s: no acceptable update; the global model is kept", server_round)
             return None, None
         return self.strategy.aggregate_train(server_round, accepted)
+
+    def _impersonation(self, msg: Message) -> str | None:
+        """A node claiming the site id another node already used in this run."""
+        site, node = site_of(msg), msg.metadata.src_node_id
+        owner = self.node_of_site.setdefault(site, node)
+        return None if owner == node else f"site id {site} belongs to node {owner}, not node {node}"
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)

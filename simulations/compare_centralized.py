@@ -31,7 +31,7 @@ def centralized_accuracy(overrides: str, sites: int) -> float:
     classes, shared, test = federation_split(config)
     parts = partition_items(shared, sites, config.partition, config.dirichlet_alpha, config.seed)
     train_items = [item for part in parts for item in split_items(part, config.val_fraction, config.seed)[0]]
-    spec, anonymizer, cache = clip_spec(config), site_anonymizer(), cache_dir({})
+    spec, anonymizer, cache = clip_spec(config), site_anonymizer(), cache_dir()
     train, test_set = load_clips(train_items, spec, anonymizer, cache), load_clips(test, spec, anonymizer, cache)
     torch.manual_seed(config.seed)
     device = pick_device()

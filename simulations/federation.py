@@ -46,8 +46,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flower_env(flwr_home: Path) -> dict:
+def simulated_site_config(config: RunConfig, node_config: str = "") -> dict:
+    """The node config every simulated site gets: the user's `--node-config`, and, since the
+    user plays every site, permission to train without DP when they ask for `dp=false`."""
+    from flwr.common.config import parse_config_args
+
+    from client.node_config import NodeConfig
+
+    values = dict(parse_config_args([node_config])) if node_config.strip() else {}
+    if not config.dp:
+        values.setdefault("allow-non-private", True)
+    NodeConfig.from_mapping({**values, "partition-id": 0, "num-partitions": 1})  # refused here, not at every site
+    return values
+
+
+def _flower_env(flwr_home: Path, site_config: dict) -> dict:
+    from client.node_config import SIMULATED_SITE_CONFIG
+
     env = dict(os.environ)
+    env[SIMULATED_SITE_CONFIG] = json.dumps(site_config)
     env.update(
         FLWR_HOME=str(flwr_home),
         # Offline machines: never let the SuperLink `uv sync` the app into a fresh env.
@@ -106,7 +123,7 @@ def prepare_data(config: RunConfig, sites: int) -> None:
     if len(shared) < sites:
         raise DataError(f"{len(shared)} videos cannot be shared among {sites} sites")
     started = time.perf_counter()
-    clips = load_task_clips(config, shared + test, clip_spec(config), site_anonymizer(), cache_dir({}), progress=True)
+    clips = load_task_clips(config, shared + test, clip_spec(config), site_anonymizer(), cache_dir(), progress=True)
     print(
         f"data: {len(classes)} classes, {len(shared) + len(test)} videos -> {len(clips)} clips "
         f"({len(clips.skipped)} skipped), {clips.faces_blurred} faces blurred, "
@@ -114,11 +131,14 @@ def prepare_data(config: RunConfig, sites: int) -> None:
     )
 
 
-def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_site: int = 1) -> int:
-    """Run a simulated federation of `sites` sites; return 0 when the run completed."""
+def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_site: int = 1,
+             node_config: str = "") -> int:
+    """Run a simulated federation of `sites` sites, each with `node_config`; return 0 when the
+    run completed."""
     from client.site import builtin_data_dir, fedvid_home
 
     config = resolve_run_config(f'{overrides} run-dir="{Path(out).resolve()}"' if out else overrides)
+    site_config = simulated_site_config(config, node_config)
     if sites < config.min_sites:
         raise ValueError(f"--sites {sites} is below min-sites = {config.min_sites}")
     if not config.data_dir:
@@ -128,7 +148,7 @@ def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_
     if (run_dir / "status.json").exists() and not config.resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out, or resume=true to continue it")
     flwr_home = Path(tempfile.mkdtemp(prefix="fedvid-flwr-"))
-    env = _flower_env(flwr_home)
+    env = _flower_env(flwr_home, site_config)
     superlink, _ = _start_superlink(flwr_home, env)
     try:
         command = [

@@ -40,7 +40,7 @@ def make_run_dir(path: Path, data_dir: Path, model: str = "cnn-transformer", siz
               "frame-size": FRAME_SIZE, "run-dir": str(path)}
     config = RunConfig.from_mapping(values)
     classes, shared, _ = federation_split(config)
-    clips = load_clips(shared, clip_spec(config), site_anonymizer(), cache_dir({}))
+    clips = load_clips(shared, clip_spec(config), site_anonymizer(), cache_dir())
     spec = config.model_spec(len(classes))
     torch.manual_seed(0)
     net = build_model(spec)

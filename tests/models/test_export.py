@@ -33,7 +33,7 @@ def test_clips(tiny_run):
     """The run's central test clips, loaded the way any site loads clips."""
     config = RunConfig.from_mapping(json.loads((tiny_run / "config.json").read_text())["run-config"])
     _, _, test_items = federation_split(config)
-    return load_clips(test_items, clip_spec(config), site_anonymizer(), cache_dir({}))
+    return load_clips(test_items, clip_spec(config), site_anonymizer(), cache_dir())
 
 
 @pytest.mark.parametrize("name", ["cnn-transformer", "cnn3d"])
@@ -143,20 +143,21 @@ def test_report_states_no_dp_accounting_without_a_ledger(exported):
 
 def test_report_carries_the_audited_epsilon_of_a_dp_run(tiny_run, tmp_path):
     from models.export import privacy_statement
-    from privacy.audit import audit_run, independent_epsilon
-    from privacy.ledger import PrivacyLedger, site_record
+    from privacy.accounting import filter_epsilon, pld_epsilon
+    from privacy.audit import audit_run
+    from privacy.ledger import PrivacyLedger, SiteLedger, site_record
 
     run = tmp_path / "dp-run"
     shutil.copytree(tiny_run, run)
     ledger = PrivacyLedger(run / "ledger.jsonl")
     for sid, steps in (("site-a", 40), ("site-b", 80)):
         history = [(1.1, 0.05, steps)]
-        eps = independent_epsilon(history, 1e-5)
-        ledger.append(site_record(
-            site_id=sid, run_id="r", round=1, local_steps=steps, sample_rate=0.05, noise_multiplier=1.1,
-            max_grad_norm=1.0, delta=1e-5, epsilon_round=eps, epsilon_cumulative=eps, epsilon_budget=None,
-            accountant="prv", history=history,
-        ))
+        eps = filter_epsilon(history, 1e-5)
+        ledger.append(SiteLedger(run / "sites" / sid).append(site_record(
+            site_id=sid, run_id="r", round=1, unit="video", clips_per_unit=2, local_steps=steps, sample_rate=0.05,
+            noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5, epsilon_round=eps, epsilon_cumulative=eps,
+            epsilon_pld=pld_epsilon(history, 1e-5), epsilon_budget=8.0, history=history, randomness="os-entropy",
+        )))
     statement = privacy_statement(run)
     audit = audit_run(run)
     assert statement["dp_accounting"] is True

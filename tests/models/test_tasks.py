@@ -10,15 +10,13 @@ import torch
 
 from client.boxes import DetectionClipSet
 from client.dataset import ClipSet
-from client.private_round import SitePrivacy, train_round
+from client.node_config import NodeConfig
+from client.private_round import SitePrivacy, private_round
+from client.site import SiteData, privacy_units
 from client.run_config import RunConfig
 from models.registry import build_model
 from models.tasks import TASKS, get_task
 from privacy.ledger import verify_chain
-from privacy.site_budget import dataset_fingerprint
-
-FINGERPRINT = dataset_fingerprint([("a/1.mp4", "h1")])
-
 
 def task_clips(task: str, n: int = 40) -> ClipSet:
     """Random clips (4 frames, 16 px); for `detect`, one or two boxes per clip."""
@@ -39,13 +37,16 @@ def test_every_task_trains_a_charged_dp_round_and_reports_its_metrics(tmp_path, 
                        num_server_rounds=2, target_epsilon=4.0, delta=1e-3)
     model = build_model(config.model_spec(3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    site = SitePrivacy("site-x", tmp_path, 8.0, 1e-3)
+    site = SitePrivacy("site-x", tmp_path, NodeConfig(data_dir="unused", epsilon_budget=8.0, delta=1e-3))
     data = task_clips(task)
+    data.sources = [f"video-{i // 2}" for i in range(len(data))]  # two clips per video
+    units = privacy_units(data, "video", {s: s for s in data.sources})
 
-    outcome = train_round(model, data, FINGERPRINT, config, site, "run-1", 1, torch.device("cpu"))
+    outcome = private_round(model, SiteData(("a", "b", "c"), data, units, None, []), config, site, "run-1", 1,
+                            torch.device("cpu"))
 
-    assert not outcome.refused and 0 < outcome.record["epsilon_cumulative"] <= 4.0
-    assert outcome.record["noise_multiplier"] > 0 and outcome.stats.examples > 0
+    assert outcome.trained and not outcome.refused and 0 < outcome.record["epsilon_cumulative"] <= 4.0
+    assert outcome.record["noise_multiplier"] > 0 and outcome.record["unit"] == "video"
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert verify_chain(tmp_path / "ledger.jsonl").ok
     metrics = get_task(task).evaluate(model, data, torch.device("cpu"))

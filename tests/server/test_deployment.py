@@ -1,24 +1,28 @@
 """Flower's deployment engine on loopback, as at real sites: TLS, SuperNode authentication,
-three registered sites with their own data and budgets, an intruder, and a site that dies
-mid-round and comes back. Real processes; everything is stopped even when a test fails."""
+the Control API on 127.0.0.1 only, three registered sites with their own data and budgets
+(site-b pins the app bundle it runs), an intruder, and a site that dies mid-round and comes
+back. Real processes; everything is stopped even when a test fails."""
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from pathlib import Path
 
 import pytest
 
+from client.app_pin import approved_fab_hash, refusals_file
 from client.synth import write_synthetic_dataset
 from privacy.audit import audit_run
 from privacy.face_models import provision_face_models
 from server.run_dir import read_metrics
 
-from loopback import LoopbackFederation
+from loopback import APP_DIR, LoopbackFederation
+
+pytestmark = pytest.mark.slow
 
 SITES = ["site-a", "site-b", "site-c"]
+PINNED = "site-b"  # runs `--isolation process` + client.app_pin: only this checkout's bundle
 CLASSES = "move-right,move-left,move-down,move-up,grow,shrink"
 SMALL_RUN = (f'local-epochs=1 model-size="tiny" frame-size=24 batch-size=4 delta=0.001 '
              f'classes="{CLASSES}" central-eval=false')
@@ -42,7 +46,9 @@ def federation(tmp_path_factory, request):
         fed.register(site)
         data = write_synthetic_dataset(root / "data" / site, seed=10 + i, videos_per_class=3)
         fed.site_configs[site] = site_config(root, site, data)
-        fed.start_supernode(site, fed.site_configs[site])
+        if site == PINNED:  # what `flwr run` will ship from this checkout
+            fed.site_configs[site]["allowed-fab-hashes"] = approved_fab_hash(APP_DIR)
+        fed.start_supernode(site, fed.site_configs[site], isolation="process" if site == PINNED else "subprocess")
     return fed
 
 
@@ -50,9 +56,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation):
     federation.start_supernode("intruder", {"site-id": "intruder"})
     federation.wait_for_log("intruder", "Failed to activate SuperNode", 60)
     federation.kill("intruder")
-    listed = federation.flwr("supernode", "list", "fedvid", "--format", "json")
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert "intruder" not in listed.stdout
+    assert len(federation.nodes()) == len(SITES)  # the registered sites, nobody else
 
 
 def test_two_dp_rounds_over_tls_with_authenticated_sites(federation):
@@ -65,17 +69,40 @@ def test_two_dp_rounds_over_tls_with_authenticated_sites(federation):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["sites-trained"] == 3 and r["sites-rejected"] == 0 for r in rounds[1:])
     assert {s["site"] for s in rounds[-1]["sites"]} == set(SITES)
+    assert not refusals_file(federation.site_configs[PINNED]).exists()  # it trained the bundle it pinned
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
-    report = audit_run(run_dir)
+    report = audited(federation, run_dir)
     assert report.chain_ok and report.recomputed_ok and not report.errors
     assert set(report.to_dict()["sites"]) == set(SITES)
-    overhead = [r["seconds"] - max(s["train-seconds"] for s in r["sites"]) for r in rounds[1:]]
-    print(f"\nloopback run: {seconds:.1f} s for 2 rounds; per round {[round(r['seconds'], 1) for r in rounds[1:]]} s; "
-          f"overhead beyond the slowest site's training {[round(o, 1) for o in overhead]} s")
+    print(f"\nloopback run: {seconds:.1f} s for 2 rounds; per round {[round(r['seconds'], 1) for r in rounds[1:]]} s")
+
+
+def audited(federation, run_dir: Path):
+    """The audit as the sites' privacy officers run it: keys pinned from the sites themselves."""
+    dirs = [Path(federation.site_configs[site]["privacy-dir"]) for site in SITES]
+    keys = {site: (d / "ledger-key.pub").read_text().strip() for site, d in zip(SITES, dirs)}
+    return audit_run(run_dir, site_keys=keys, site_dirs=dirs)
+
+
+def test_a_site_over_budget_refuses_and_the_refusal_reaches_the_ledger(federation):
+    """Before: Flower's fixedclipping_mod divided by the refusal's zero update norm, the site was
+    counted as failed, the ledger got nothing and the audit passed an empty table."""
+    run_dir = federation.root / "refused"
+    status = federation.run(f"num-server-rounds=1 min-sites=3 noise-multiplier=0.05 {SMALL_RUN}", run_dir)
+    assert status.get("status") == "completed", federation.log_text("flwr-run-refused")[-4000:]
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    assert rounds[1]["sites-refused"] == 3 and rounds[1]["sites-failed"] == 0
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    refusals = [x for x in ledger if x["kind"] == "site" and x["refused"]]
+    assert {x["site_id"] for x in refusals} == set(SITES)
+    assert all("over its budget" in x["refused_reason"] for x in refusals)
+    report = audited(federation, run_dir)
+    assert report.chain_ok and not report.over_budget
 
 
 def charged_rounds(privacy_dir: Path) -> int:
-    return sum(len(json.loads(Path(f).read_text())["rounds"]) for f in glob.glob(f"{privacy_dir}/budget/*.json"))
+    budget = privacy_dir / "budget.json"
+    return len(json.loads(budget.read_text())["charges"]) if budget.is_file() else 0
 
 
 def test_a_site_killed_mid_round_does_not_fail_the_run_and_rejoins_with_its_budget(federation):
@@ -104,10 +131,11 @@ def test_a_site_killed_mid_round_does_not_fail_the_run_and_rejoins_with_its_budg
     assert rejoined, f"{victim} never came back: {by_round}"
     # Its accountant is intact: the round it died in stays charged (write-ahead) and is
     # part of the history it reports after rejoining.
-    budget = json.loads(Path(glob.glob(f"{privacy_dir}/budget/*.json")[0]).read_text())
-    charges = [(r["run_id"], r["round"]) for r in budget["rounds"]]
+    budget = json.loads((privacy_dir / "budget.json").read_text())
+    charges = [(r["run_id"], r["round"]) for r in budget["charges"]]
     assert (rejoined[0]["run_id"], 1) in charges
     upto = charges.index((rejoined[0]["run_id"], rejoined[0]["round"])) + 1
-    assert sum(n for _, _, n in rejoined[0]["history"]) == sum(r["steps"] for r in budget["rounds"][:upto])
-    report = audit_run(run_dir)
+    # Every unit of the site is in every round: the worst unit's history is all the charges.
+    assert sum(n for _, _, n in rejoined[0]["history"]) == sum(r["steps"] for r in budget["charges"][:upto])
+    report = audited(federation, run_dir)
     assert report.chain_ok and report.recomputed_ok and not report.errors

@@ -32,7 +32,7 @@ def play_rounds(path, rounds, run_id="7", central=None, first=1):
     for rnd in range(first, first + rounds):
         with torch.no_grad():
             next(model.parameters()).fill_(float(rnd))
-        central.record_round(rnd, [site_record("s1", rnd), site_record("s2", rnd)])
+        central.record_round(rnd, [site_record("s1", rnd), site_record("s2", rnd)], sites_contributed=2)
         run.record_round(rnd, {"accuracy": 0.5}, model.state_dict(), ledger_head=list(central.ledger.head()),
                          central_rounds=central.rounds, run_id=run_id)
     return central

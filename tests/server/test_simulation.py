@@ -13,6 +13,8 @@ from client.synth import write_synthetic_dataset
 from privacy.audit import audit_run
 from privacy.face_models import provision_face_models
 
+pytestmark = pytest.mark.slow
+
 
 def simulate(home, run_dir, overrides: str) -> None:
     """`fedvid simulate` of 2 sites in a fresh FEDVID_HOME; fails the test if the run fails."""

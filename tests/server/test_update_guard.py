@@ -62,6 +62,8 @@ HOSTILE = {
     "nan-metric": lambda: reply("evil", metrics={"train-loss": float("nan"), "num-examples": 10}),
     "bad-ledger": lambda: reply("evil", ledger="not json"),
     "forged-ledger": lambda: reply("evil", ledger=json.dumps({"kind": "site", "site_id": "good-1", "seq": 1})),
+    "central-from-a-site": lambda: reply("evil", ledger=json.dumps({"kind": "central", "site_id": "evil", "round": 1})),
+    "dp-off-for-another-site": lambda: reply("evil", ledger=json.dumps({"kind": "dp-off", "site_id": "good-1"})),
 }
 
 
@@ -76,6 +78,18 @@ def test_a_hostile_update_is_rejected_named_and_not_averaged(kind, caplog):
     assert guard.round_report()["sites-rejected"] == 1
     assert "evil" in caplog.text and "rejected" in caplog.text
     assert {r["site_id"] for r in inner.ledger_records} == {"good-1", "good-2"}
+
+
+def test_a_node_cannot_speak_for_a_site_id_another_node_holds():
+    guard, inner = guarded()
+    guard.aggregate_train(1, [reply("good-1", value=0.1)])
+    impostor = reply("good-1", value=0.3)  # another node claims site good-1
+    impostor = Message(impostor.content, metadata=Metadata(
+        run_id=1, message_id="x", src_node_id=999_999, dst_node_id=0, reply_to_message_id="x", group_id="2",
+        created_at=time.time(), ttl=60, message_type="train"))
+    arrays, _ = guard.aggregate_train(2, [reply("good-1", value=0.1), impostor])
+    assert np.allclose(arrays["w"].numpy(), 0.1)
+    assert "belongs to node" in guard.rejected[0]["reason"]
 
 
 def test_update_problem_measures_the_norm_of_the_update_not_of_the_model():

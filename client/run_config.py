@@ -26,8 +26,8 @@ class RunConfig:
     num_server_rounds: int = 16
     local_epochs: int = 3
     learning_rate: float = 0.003
-    batch_size: int = 32
-    clips_per_unit: int = 2
+    batch_size: int = 120
+    clips_per_unit: int = 1
     clip_frames: int = 8
     frame_stride: int = 2
     frame_size: int = 48

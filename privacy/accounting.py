@@ -144,16 +144,16 @@ def _independent_rdp(history: History, delta: float) -> float:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
-    accountant = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
-    for sigma, q, steps in history:
-        event: Any = dp_accounting.GaussianDpEvent(sigma)
-        if q < 1.0:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     absl_log = logging.getLogger("absl")  # it logs each order it drops; dropping only loosens
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     try:
+        accountant = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+        for sigma, q, steps in history:
+            event: Any = dp_accounting.GaussianDpEvent(sigma)
+            if q < 1.0:
+                event = dp_accounting.PoissonSampledDpEvent(q, event)
+            accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
         return float(accountant.get_epsilon(delta))
     finally:
         absl_log.setLevel(level)

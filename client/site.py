@@ -198,8 +198,10 @@ def pinned_split(items: list[VideoItem], unit_of: dict[Path, str], fraction: flo
 def privacy_units(train: ClipSet, kind: str, unit_of_video: dict[str, str]) -> PrivacyUnits:
     """Group the training clips into privacy units (a clip is its own unit for kind "clip")."""
     groups: dict[str, list[int]] = {}
+    clips_seen: dict[str, int] = {}
     for index, digest in enumerate(train.sources):
-        unit = f"{digest}:{index}" if kind == "clip" else unit_of_video[digest]
+        nth = clips_seen[digest] = clips_seen.get(digest, -1) + 1  # a clip is named within its video:
+        unit = f"{digest}:{nth}" if kind == "clip" else unit_of_video[digest]  # stable as videos come and go
         groups.setdefault(unit, []).append(index)
     ids = sorted(groups)
     return PrivacyUnits(kind, ids, [groups[u] for u in ids])

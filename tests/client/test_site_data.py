@@ -145,3 +145,19 @@ def test_failing_anonymizer_stops_the_pipeline(tmp_path, dataset):
     with pytest.raises(RuntimeError, match="face detector failed"):
         load_clips(items[:1], ClipSpec(8, 2, 24), ExplodingAnonymizer(), tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.npz")) if (tmp_path / "cache").exists() else True
+
+
+def test_privacy_units_are_named_by_content_and_stay_put_when_videos_are_added():
+    from client.dataset import ClipSet
+    from client.site import privacy_units
+
+    def clips(sources):
+        out = ClipSet(np.zeros((len(sources), 1, 1, 1, 3), np.uint8), np.zeros(len(sources), np.int64))
+        out.sources = sources
+        return out
+
+    before = privacy_units(clips(["b", "b"]), "clip", {"b": "b"})
+    after = privacy_units(clips(["a", "b", "b"]), "clip", {"a": "a", "b": "b"})  # a video added in front
+    assert set(before.ids) <= set(after.ids)
+    videos = privacy_units(clips(["a", "b", "b"]), "video", {"a": "a", "b": "b"})
+    assert videos.ids == ["a", "b"] and videos.members == [[0], [1, 2]]

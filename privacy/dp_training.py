@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.optimizers import DPOptimizer
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
@@ -193,19 +193,26 @@ class UnitDataset(Dataset):
 
 
 def collate_units(batch: list[list[tuple]]) -> tuple[torch.Tensor, ...]:
-    """Sampled units -> ``(unit_index, *fields)``: every clip a row, ``unit_index[row]`` its unit."""
+    """Sampled units -> ``(unit_index, *fields)``: every clip a row, ``unit_index[row]`` its unit.
+    No unit sampled: the empty tuple (the step then adds noise only)."""
+    if not batch:
+        return ()
     rows = [example for unit in batch for example in unit]
     unit_index = torch.tensor([u for u, unit in enumerate(batch) for _ in unit], dtype=torch.long)
     return (unit_index, *default_collate(rows))
 
 
-def unit_loader(dataset: UnitDataset, batch_size: int, generator: torch.Generator) -> DPDataLoader:
-    """Poisson sampling over units at rate 1/ceil(N / batch_size), with the site's generator.
+def unit_loader(dataset: UnitDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Poisson sampling over units at rate 1/ceil(N / batch-size), ceil(N / batch-size) steps an
+    epoch, with the site's generator.
 
     Built here, not by `PrivacyEngine.make_private`: its loader would draw the masks from its
-    secure RNG, which is None without secure mode, i.e. from torch's global RNG."""
-    plain = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_units)
-    return DPDataLoader.from_data_loader(plain, generator=generator)
+    secure RNG, which is None without secure mode, i.e. from torch's global RNG (and Opacus's
+    own empty-batch handling fails on these batches when the first one is empty)."""
+    batches = math.ceil(len(dataset) / batch_size)
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=1.0 / batches,
+                                            generator=generator, steps=batches)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_units)
 
 
 def pool_grad_samples(model: nn.Module, unit_index: torch.Tensor) -> None:
@@ -309,7 +316,7 @@ def train_units(
     for _ in range(epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(batch) == 0 or len(batch[0]) == 0:
+            if len(batch) == 0:
                 _empty_step(model, optimizer)
                 continue
             unit_index, *fields = batch

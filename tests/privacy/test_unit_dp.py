@@ -160,3 +160,16 @@ def test_a_step_that_samples_no_unit_still_adds_the_noise_and_counts(monkeypatch
     dp_optimizer.zero_grad()
     real_empty_step(dp_model, dp_optimizer)  # the 41st charged step: noise only
     assert all(not torch.equal(a, p) for a, p in zip(before, dp_model.parameters()))
+
+
+def test_a_first_batch_that_samples_no_unit_is_a_noise_only_step():
+    """The first batch empty: Opacus's own loader crashed here (its empty-batch template comes from
+    the dataset's first item); the site's loader hands the step an empty batch instead."""
+    examples = TensorDataset(torch.rand(2, 3, 4, 8, 8), torch.randint(0, 3, (2,)))
+    for seed in range(40):
+        randomness = SiteRandomness.for_site(torch.device("cpu"), seed=seed)
+        batches = list(unit_loader(UnitDataset(examples, [[0], [1]], 1, randomness.sampling), 1, randomness.sampling))
+        assert len(batches) == 2
+        if len(batches[0]) == 0:
+            return
+    pytest.fail("no seed drew an empty first batch (probability 1/4 each)")

@@ -61,7 +61,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.run_dir is None and not args.site_dirs:
         raise ValueError("give a RUN_DIR, or --site-dir DIR to audit a site's own state")
     return run_audit_command(args.run_dir, as_json=args.json, plot=args.plot, site_keys=args.site_keys,
-                             site_dirs=args.site_dirs)
+                             site_dirs=args.site_dirs, empirical=args.empirical)
 
 
 def cmd_ledger_key(args: argparse.Namespace) -> int:
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="check a run's privacy ledger (or a site's own) and print its budget table",
                        description="Exit code bits: 1 chain broken, signature invalid or records missing; "
-                                   "2 an epsilon under-stated or a record inconsistent; 4 a site over budget.")
+                                   "2 an epsilon under-stated or a record inconsistent; 4 a site over budget; "
+                                   "8 (--empirical) a measured lower bound above the accounted epsilon, or no canaries.")
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
                    help="the run directory (omit it to audit the --site-dir sites' own state)")
     p.add_argument("--site-keys", type=Path, default=None,
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site's privacy dir (repeatable): cross-check its ledger and budget file with the run's")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", type=Path, default=None, help="write epsilon per round per site as a PNG")
+    p.add_argument("--empirical", action="store_true",
+                   help="also measure a lower bound on each site's epsilon from its audit canaries (a run with "
+                        "audit-canaries = N; needs fedvid[audit]) and fail when it exceeds the accounted epsilon")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("ledger-key", help="print a site's ledger public key (created if missing), to pin with the auditors")

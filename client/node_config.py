@@ -38,6 +38,7 @@ class NodeConfig:
     privacy_unit: str = "video"      # "video", "person" (needs `subjects`) or "clip" (explicit opt-in)
     subjects: str = ""               # CSV `video,subject` (video relative to data-dir), for privacy-unit "person"
     allow_non_private: bool = False  # train rounds the run asks to run without DP (dp = false)
+    allow_audit_canaries: bool = True  # take part in runs that plant audit canaries (`audit-canaries`)
     release_exact_eval: bool = False  # send exact validation metrics (those units lose their DP guarantee)
     val_fraction: float = 0.2        # units held out for evaluation, only with release-exact-eval
     dp_seed: int = -1                # >= 0: seeded DP noise and sampling (tests, comparisons); -1: os entropy

@@ -12,6 +12,9 @@ chooses the run config and the weights:
 4. wrap: Opacus with the site's own generators (`SiteRandomness`) and a step guard;
 5. train: multi-clip DP-SGD, one clipped gradient per unit;
 6. confirm: the steps taken (never more than charged).
+
+A run that plants audit canaries (`privacy.canaries`) adds them as units of their own to the
+plan, the charge and the loader, and scores them after training.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from client.node_config import NodeConfig
 from client.run_config import RunConfig
@@ -29,6 +32,7 @@ from client.site import SiteData
 from client.train import make_optimizer, train_epochs
 from models.tasks import get_task
 from privacy.accounting import calibrate_noise, filter_epsilon, pld_epsilon
+from privacy.canaries import RunCanaries
 from privacy.dp_training import (
     SiteRandomness,
     UnitDataset,
@@ -102,7 +106,9 @@ def private_round(
     if not config.dp:
         return _non_private_round(model, data, config, site, run_id, server_round, device)
     task, units = get_task(config.task), data.units
-    plan = RoundPlan.for_site(config, site, len(units))  # a bad setting is refused before anything is written
+    canaries = run_canaries(config, site, run_id)
+    slots = canaries.count if canaries else 0  # all of them: q must not depend on which are in
+    plan = RoundPlan.for_site(config, site, len(units) + slots)  # a bad setting is refused before anything is written
     budget = site.budget()
     mechanism = dict(site_id=site.site_id, run_id=run_id, round=server_round, unit=units.kind,
                      clips_per_unit=config.clips_per_unit, sample_rate=plan.sample_rate,
@@ -110,7 +116,7 @@ def private_round(
                      delta=budget.delta, epsilon_budget=budget.epsilon_budget,
                      randomness="seeded" if site.node.seed is not None else "os-entropy")
     try:
-        charge = budget.charge(units.ids, plan.noise_multiplier, plan.sample_rate, plan.steps,
+        charge = budget.charge(units.ids + (canaries.unit_ids() if canaries else []), plan.noise_multiplier, plan.sample_rate, plan.steps,
                                run_id=run_id, round=server_round, max_grad_norm=config.max_grad_norm)
     except BudgetExceeded as refusal:
         return RoundOutcome(False, site.log(_refusal(budget, mechanism, str(refusal))))
@@ -122,19 +128,36 @@ def private_round(
         history=history, released_without_dp=budget.released_count(),
     ))
     randomness = SiteRandomness.for_site(device, site.node.seed)
-    dataset = UnitDataset(task.examples(data.train), units.members, config.clips_per_unit, randomness.sampling)
+    examples, classes = task.examples(data.train), len(data.classes)
+    dataset, observer = UnitDataset(examples, units.members, config.clips_per_unit, randomness.sampling), None
+    if canaries:
+        observer = canaries.start_round(model, examples, classes, device)
+        dataset = ConcatDataset([dataset, canaries.slots(examples, model, config.max_grad_norm, classes)])
     model.train()  # Opacus validates the mode: a model just evaluated must train again
     private_model, optimizer, loader = make_private(
         model, make_optimizer(model, config.learning_rate), unit_loader(dataset, config.batch_size, randomness.sampling),
         plan.noise_multiplier, config.max_grad_norm, config.grad_sample_mode, poisson_sampling=False,
-        max_steps=plan.steps, noise_generator=randomness.noise,
+        max_steps=plan.steps, noise_generator=randomness.noise, observe_step=observer,
     )
     try:
         train_units(private_model, loader, optimizer, config.local_epochs, device, task.step_loss)
     finally:
         private_model.remove_hooks()  # `model` trained in place; leave it a plain module again
     budget.confirm(run_id, server_round, steps_taken(optimizer))
+    if canaries:
+        canaries.finish_round(server_round, model, observer, examples, classes, device)
     return RoundOutcome(True, record)
+
+
+def run_canaries(config: RunConfig, site: SitePrivacy, run_id: str) -> RunCanaries | None:
+    """The run's audit canaries at this site: made at the run's first round when the run asks for
+    them and the site's node config takes part; then fixed for the run, whatever it asks later."""
+    if not site.node.allow_audit_canaries:
+        return None
+    if config.audit_canaries == 0 and not RunCanaries.exists(site.privacy_dir, run_id):
+        return None
+    return RunCanaries.for_run(site.privacy_dir, run_id, config.audit_canary_kind, config.audit_canaries,
+                               site.node.seed)
 
 
 def _refusal(budget: SiteBudget, mechanism: dict, reason: str) -> dict:

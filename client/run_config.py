@@ -16,6 +16,9 @@ from models.registry import ModelSpec, check_model_choice
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 
 
+MAX_CANARIES = 100_000  # each is a unit in the site budget; a hostile run must not fill the disk
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A validated run config; attribute `num_server_rounds` is key `num-server-rounds`."""
@@ -51,6 +54,8 @@ class RunConfig:
     grad_sample_mode: str = "functorch"
     update_clip_norm: float = 10.0
     server_noise_multiplier: float = 0.0
+    audit_canaries: int = 0
+    audit_canary_kind: str = "gradient"
     aggregation: str = "fedavg"
     resume: bool = False
     round_timeout: float = 3600.0
@@ -122,6 +127,15 @@ class RunConfig:
             raise ValueError(f"update-clip-norm = {self.update_clip_norm} must be > 0")
         if self.server_noise_multiplier < 0:
             raise ValueError(f"server-noise-multiplier = {self.server_noise_multiplier} must be >= 0")
+        if self.audit_canaries < 0 or self.audit_canaries == 1 or self.audit_canaries > MAX_CANARIES:
+            raise ValueError(f"audit-canaries = {self.audit_canaries} must be 0 (no audit) or in [2, {MAX_CANARIES}]")
+        if self.audit_canary_kind not in ("gradient", "input"):
+            raise ValueError(f"audit-canary-kind = {self.audit_canary_kind!r} must be 'gradient' or 'input'")
+        if self.audit_canaries and self.audit_canary_kind == "input" and self.task != "classify":
+            raise ValueError(f"audit-canary-kind = 'input' needs task = 'classify' (random-label clips); "
+                             f"task = {self.task!r} takes 'gradient' canaries")
+        if self.audit_canaries and not self.dp:
+            raise ValueError("audit-canaries needs dp = true: there is no epsilon to audit without DP")
         # Ghost clipping is left out: it needs Opacus's wrapped criterion and measured slowest
         # on convolutional video models.
         if self.grad_sample_mode not in ("hooks", "functorch"):

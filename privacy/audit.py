@@ -38,9 +38,13 @@ What is checked:
     optimistic PLD of one Gaussian step per round at q = 1 (no amplification claimed).
   * an audit with no site record at all is an error, never a clean result.
 
+With ``--empirical`` (`privacy.empirical_audit`), each site dir's audit canaries of the audited
+runs give a measured lower bound on epsilon, compared with the epsilon accounted for them.
+
 Exit code (`exit_code`) is a bit mask: 1 a chain broken, a signature invalid or records
 missing; 2 a recomputation disagrees (an under-stated epsilon, an inconsistent record);
-4 a site over budget; 0 when all is well.
+4 a site over budget; 8 (``--empirical``) a measured lower bound above the accounted epsilon,
+or no canaries to audit; 0 when all is well.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from privacy.accounting import (
     filter_epsilon,
@@ -74,6 +78,9 @@ from privacy.ledger import (
     verify_site_record,
 )
 
+if TYPE_CHECKING:  # the empirical audit imports torch: only `--empirical` pays for it
+    from privacy.empirical_audit import CanaryAudit
+
 INDEPENDENT = ("pld", "rdp")
 REL_TOL = 1e-3  # how far below the RDP recomputation a recorded epsilon may be (float noise)
 NEAR_BUDGET = 0.9
@@ -81,6 +88,7 @@ NEAR_BUDGET = 0.9
 EXIT_CHAIN = 1
 EXIT_RECOMPUTE = 2
 EXIT_OVER_BUDGET = 4
+EXIT_EMPIRICAL = 8
 
 # Where the site keys came from, strongest first, and what that verifies.
 KEY_SOURCES = ("pinned", "site-dir", "run-dir", "none")
@@ -288,6 +296,7 @@ class AuditReport:
     code: int = 0  # the bits of `exit_code` found while auditing
     keys: str = "none"  # the weakest key source used (see KEY_SOURCES)
     unverified_sites: list[str] = field(default_factory=list)
+    empirical: dict[str, list[CanaryAudit]] | None = None  # --empirical: site -> its audited runs
 
     @property
     def chain_ok(self) -> bool:
@@ -332,6 +341,7 @@ class AuditReport:
                     k: (e(v) if k in ("epsilon", "epsilon_pld", "epsilon_budget") else v)
                     for k, v in asdict(s.budget_file).items()
                 },
+                **_empirical_fields(self.empirical, sid),
                 "rounds": [
                     dict(asdict(r), **{k: e(getattr(r, k)) for k in (
                         "epsilon", "epsilon_round", "epsilon_pld", "epsilon_budget",
@@ -367,6 +377,7 @@ class AuditReport:
             "central": central,
             "errors": list(self.errors),
             "warnings": list(self.warnings),
+            "empirical_ok": None if self.empirical is None else not self.code & EXIT_EMPIRICAL,
             "exit_code": exit_code(self),
         }
 
@@ -374,9 +385,17 @@ class AuditReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
+def _empirical_fields(empirical: dict[str, list[CanaryAudit]] | None, sid: str) -> dict:
+    if empirical is None:
+        return {}
+    audits = empirical.get(sid, [])
+    return {"empirical_epsilon_lower": max((a.empirical_epsilon_lower for a in audits), default=None),
+            "empirical": [a.to_dict() for a in audits]}
+
+
 def exit_code(report: AuditReport) -> int:
     """Bit mask: 1 chain/signature/missing records, 2 an epsilon under-stated or a record
-    inconsistent, 4 a site over budget."""
+    inconsistent, 4 a site over budget, 8 an empirical lower bound above the accounted epsilon."""
     code = report.code
     if report.over_budget:
         code |= EXIT_OVER_BUDGET
@@ -714,6 +733,7 @@ def audit_run(
     site_keys: dict[str, str] | None = None,
     site_dirs: list[Path] | None = None,
     independent: str = "pld",
+    empirical: bool = False,
 ) -> AuditReport:
     """Audit ``run_dir/ledger.jsonl`` (see the module docstring).
 
@@ -786,15 +806,18 @@ def audit_run(
     elif source == "run-dir":
         f.warn("site keys and ledgers came from RUN_DIR/sites, which the coordinator writes too: "
                "valid against an edited run ledger, not against a hostile coordinator")
+    measured = _empirical(dirs, run_ids, f) if empirical else None
     return AuditReport(
         run_dir=str(run_dir), ledger=str(path), independent=independent, chain=chain, sites=sites,
         central=central.audit if central.audit.rounds else None, errors=f.errors, warnings=f.warnings,
         code=f.code, keys=source, unverified_sites=sorted(unverified),
+        empirical=measured,
     )
 
 
 def audit_sites(
-    site_dirs: list[Path], site_keys: dict[str, str] | None = None, independent: str = "pld"
+    site_dirs: list[Path], site_keys: dict[str, str] | None = None, independent: str = "pld",
+    empirical: bool = False,
 ) -> AuditReport:
     """Audit sites' own state (``fedvid audit --site-dir DIR`` without a run): each site's
     chain, its signatures (with its own ``ledger-key.pub``, or ``site_keys`` when given), its
@@ -823,10 +846,34 @@ def audit_sites(
     _finish(sites, f)
     if source == "none":
         f.warn("signatures not verified: arithmetic only (no ledger-key.pub and no --site-keys)")
+    measured = _empirical(dirs, None, f) if empirical else None
     return AuditReport(
         run_dir=None, ledger=None, independent=independent, chain=None, sites=sites, central=None,
         errors=f.errors, warnings=f.warnings, code=f.code, keys=source, unverified_sites=sorted(unverified),
+        empirical=measured,
     )
+
+
+def _empirical(dirs: list[_SiteDir], run_ids: set[str] | None, f: _Findings) -> dict[str, list[CanaryAudit]]:
+    """The empirical audit of every site dir's canaries (of ``run_ids`` when given)."""
+    from privacy.empirical_audit import audit_site_canaries, verdict
+
+    out: dict[str, list[CanaryAudit]] = {}
+    for sd in dirs:
+        try:
+            audits = audit_site_canaries(sd.site_id, sd.path, run_ids)
+        except (ValueError, OSError) as err:
+            f.error(EXIT_EMPIRICAL, f"site dir {sd.path}: empirical audit impossible: {err}")
+            continue
+        if audits:
+            out[sd.site_id] = audits
+        for a in audits:
+            if a.violated:
+                f.error(EXIT_EMPIRICAL, verdict(a))
+    if not out:
+        f.error(EXIT_EMPIRICAL, "--empirical: no site dir holds canary scores of the audited runs "
+                                "(run with audit-canaries = N)")
+    return out
 
 
 def _resolve_keys(site_keys, dirs: list[_SiteDir], dir_source: str, f: _Findings) -> tuple[dict[str, str], str]:
@@ -1118,11 +1165,30 @@ def render_table(report: AuditReport):
         f"epsilons: {'ok' if report.recomputed_ok else 'UNDER-STATED OR INCONSISTENT'}   exit code {code}",
         style="green" if code == 0 else "bold red",
     ))
+    if report.empirical:
+        parts.append(_empirical_table(report.empirical))
     for e in report.errors:
         parts.append(Text(f"ERROR: {e}", style="bold red"))
     for w in report.warnings:
         parts.append(Text(f"warning: {w}", style="yellow"))
     return Group(*parts)
+
+
+def _empirical_table(empirical: dict[str, list[CanaryAudit]]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Empirical audit: one-run lower bound on epsilon (95% confidence)")
+    for col in ("site", "run", "canaries", "in", "rounds", "accounted (pld)", "accounted (rdp)",
+                "lower bound", "provable at most", "verdict"):
+        table.add_column(col, justify="left" if col in ("site", "run", "canaries") else "right")
+    for sid, audits in sorted(empirical.items()):
+        for a in audits:
+            table.add_row(sid, a.run_id, f"{a.canaries} {a.kind}", str(a.included), str(a.rounds),
+                          _fmt(a.epsilon_accounted), _fmt(a.epsilon_accounted_rdp), _fmt(a.empirical_epsilon_lower),
+                          _fmt(a.empirical_epsilon_max),
+                          Text("LEAKS" if a.violated else "ok", style="bold red" if a.violated else "green"))
+    return table
 
 
 def plot_epsilon(report: AuditReport, png_path: Path) -> Path:
@@ -1176,16 +1242,18 @@ def run_audit_command(
     independent: str = "pld",
     site_keys: Path | None = None,
     site_dirs: list[Path] | None = None,
+    empirical: bool = False,
 ) -> int:
     """The body of ``fedvid audit [RUN_DIR] [--site-keys FILE] [--site-dir DIR ...] [--json]
-    [--plot PNG]``: prints the report, returns the exit code."""
+    [--plot PNG] [--empirical]``: prints the report, returns the exit code."""
     from rich.console import Console
 
     keys = load_site_keys(site_keys) if site_keys is not None else None
     if run_dir is not None:
-        report = audit_run(Path(run_dir), site_keys=keys, site_dirs=site_dirs, independent=independent)
+        report = audit_run(Path(run_dir), site_keys=keys, site_dirs=site_dirs, independent=independent,
+                           empirical=empirical)
     else:
-        report = audit_sites(list(site_dirs or []), site_keys=keys, independent=independent)
+        report = audit_sites(list(site_dirs or []), site_keys=keys, independent=independent, empirical=empirical)
     if as_json:
         print(report.to_json())
     else:

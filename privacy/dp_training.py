@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -116,9 +116,9 @@ def round_plan(data_loader: DataLoader, epochs: int) -> tuple[float, int]:
 class _RoundStepHook:
     """The DP optimizer's step hook: feeds the throw-away accountant, counts, guards."""
 
-    def __init__(self, inner: Callable[[DPOptimizer], None] | None, max_steps: int | None):
-        self.inner = inner
-        self.max_steps = max_steps
+    def __init__(self, inner: Callable[[DPOptimizer], None] | None, max_steps: int | None,
+                 observe: Callable[[DPOptimizer], None] | None = None):
+        self.inner, self.max_steps, self.observe = inner, max_steps, observe
         self.steps = 0
 
     def __call__(self, optim: DPOptimizer) -> None:
@@ -132,6 +132,8 @@ class _RoundStepHook:
         self.steps += 1
         if self.inner is not None:
             self.inner(optim)
+        if self.observe is not None:
+            self.observe(optim)
 
 
 def incompatible_layers(model: nn.Module) -> list[str]:
@@ -192,14 +194,38 @@ class UnitDataset(Dataset):
         return [tuple(self.examples[i]) for i in members]
 
 
-def collate_units(batch: list[list[tuple]]) -> tuple[torch.Tensor, ...]:
-    """Sampled units -> ``(unit_index, *fields)``: every clip a row, ``unit_index[row]`` its unit.
-    No unit sampled: the empty tuple (the step then adds noise only)."""
-    if not batch:
-        return ()
-    rows = [example for unit in batch for example in unit]
-    unit_index = torch.tensor([u for u, unit in enumerate(batch) for _ in unit], dtype=torch.long)
-    return (unit_index, *default_collate(rows))
+@dataclass(frozen=True)
+class GivenGradient:
+    """A unit whose gradient is given, not computed: ``value`` at one coordinate of the model's
+    flattened trainable parameters, zero elsewhere (a Dirac audit canary, `privacy.canaries`).
+    It is clipped and noised like every unit's gradient."""
+
+    flat_index: int
+    value: float
+
+
+class UnitBatch(NamedTuple):
+    """A step's sampled units: ``fields`` the clips' rows (empty when no unit with clips was
+    sampled), ``unit_index[row]`` the row's unit, ``given`` the units with given gradients."""
+
+    unit_index: torch.Tensor
+    fields: tuple[torch.Tensor, ...]
+    given: tuple[GivenGradient, ...]
+
+    @property
+    def units(self) -> int:
+        return (int(self.unit_index.max()) + 1 if len(self.unit_index) else 0) + len(self.given)
+
+
+def collate_units(batch: list[list]) -> UnitBatch:
+    """Sampled units -> a `UnitBatch`: every clip a row. An empty unit (an audit canary that is
+    not in the data) is dropped; no unit at all gives a batch of no rows (noise only)."""
+    units = [unit for unit in batch if unit]
+    given = tuple(unit[0] for unit in units if isinstance(unit[0], GivenGradient))
+    with_clips = [unit for unit in units if not isinstance(unit[0], GivenGradient)]
+    rows = [example for unit in with_clips for example in unit]
+    unit_index = torch.tensor([u for u, unit in enumerate(with_clips) for _ in unit], dtype=torch.long)
+    return UnitBatch(unit_index, tuple(default_collate(rows)) if rows else (), given)
 
 
 def unit_loader(dataset: UnitDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -246,6 +272,7 @@ def make_private(
     criterion: nn.Module | None = None,
     max_steps: int | None = None,
     noise_generator: torch.Generator | None = None,
+    observe_step: Callable[[DPOptimizer], None] | None = None,
 ) -> tuple[Any, ...]:
     """Wrap (model, optimizer, data_loader) for DP-SGD with a fresh `opacus.PrivacyEngine`.
 
@@ -257,8 +284,10 @@ def make_private(
     and the returned criterion must be used (backward on another silently skips clipping).
 
     ``max_steps``: the steps charged for this round; a further optimizer step raises
-    `StepLimitExceeded` before it changes the parameters. Raises `IncompatibleModelError`
-    listing every layer Opacus refuses.
+    `StepLimitExceeded` before it changes the parameters. ``observe_step(optimizer)`` is
+    called at every step with the released gradient in ``p.grad`` (clipped, noised, averaged),
+    before the parameters change (the audit canaries' white-box scores). Raises
+    `IncompatibleModelError` listing every layer Opacus refuses.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
@@ -300,7 +329,7 @@ def make_private(
         **kwargs,
     )
     dp_optimizer = wrapped[1]
-    dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps))
+    dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps, observe_step))
     return wrapped
 
 
@@ -316,24 +345,39 @@ def train_units(
     for _ in range(epochs):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(batch) == 0:
-                _empty_step(model, optimizer)
-                continue
-            unit_index, *fields = batch
-            step_loss(model, *[t.to(device) for t in fields]).backward()
-            pool_grad_samples(model, unit_index)
+            if batch.fields:
+                step_loss(model, *[t.to(device) for t in batch.fields]).backward()
+                pool_grad_samples(model, batch.unit_index)
+            else:
+                _no_rows(model)
+            if batch.given:
+                append_given_gradients(model, batch.given)
             optimizer.step()
-            seen += int(unit_index.max()) + 1
+            seen += batch.units
     return seen
 
 
-def _empty_step(model: nn.Module, optimizer: DPOptimizer) -> None:
-    """Poisson sampling drew no unit: the step still happens, noise only. Skipping it would let
-    the model tell that a step was empty, which depends on how many units the site has."""
+def _no_rows(model: nn.Module) -> None:
+    """No unit with clips was sampled: the step still happens (noise, and any given gradients).
+    Skipping it would let the model tell that a step was empty, which depends on how many
+    units the site has."""
     for p in model.parameters():
         if p.requires_grad:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    optimizer.step()
+
+
+def append_given_gradients(model: nn.Module, given: Sequence[GivenGradient]) -> None:
+    """Append one per-unit gradient row per given unit, after the computed rows."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ends = np.cumsum([p.numel() for p in params])
+    rows = [torch.zeros((len(given), p.numel()), dtype=p.dtype, device=p.device) for p in params]
+    for row, unit in enumerate(given):
+        owner = int(np.searchsorted(ends, unit.flat_index, side="right"))
+        if owner >= len(params) or unit.flat_index < 0:
+            raise ValueError(f"given gradient at coordinate {unit.flat_index}: the model has {ends[-1]}")
+        rows[owner][row, unit.flat_index - (ends[owner - 1] if owner else 0)] = unit.value
+    for p, extra in zip(params, rows):
+        p.grad_sample = torch.cat([p.grad_sample, extra.view(len(given), *p.shape)])
 
 
 def steps_taken(optimizer: DPOptimizer) -> int:

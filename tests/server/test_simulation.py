@@ -29,13 +29,14 @@ def simulate(home, run_dir, overrides: str) -> None:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """2 rounds, run as 1 round and then resumed for the second, as after a coordinator crash."""
+    """2 rounds, run as 1 round and then resumed for the second, as after a coordinator crash;
+    the first run plants 20 audit canaries per site."""
     home = tmp_path_factory.mktemp("home")
     data = write_synthetic_dataset(home / "data", seed=1, videos_per_class=4)
     run_dir = home / "run"
     overrides = (f'local-epochs=1 model-size="tiny" frame-size=24 target-epsilon=3.0 '
                  f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
-    simulate(home, run_dir, f"{overrides} num-server-rounds=1")
+    simulate(home, run_dir, f"{overrides} num-server-rounds=1 audit-canaries=20")
     simulate(home, run_dir, f"{overrides} num-server-rounds=2 resume=true")
     return run_dir
 
@@ -66,3 +67,17 @@ def test_private_by_default_and_the_ledger_audits_clean(finished_run):
     assert set(report["sites"]) == {"site-0", "site-1"}
     for site in report["sites"].values():
         assert 0 < site["epsilon"] <= site["budget"]
+
+
+def test_the_empirical_audit_of_a_run_with_canaries(finished_run):
+    """`fedvid audit RUN_DIR --empirical`: each site's canaries of the run, a bound beside the epsilon."""
+    result = subprocess.run([sys.executable, "-m", "client.cli", "audit", str(finished_run), "--empirical", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["empirical_ok"] is True
+    for site in ("site-0", "site-1"):
+        (audit,) = report["sites"][site]["empirical"]  # the resumed run planted none
+        assert audit["canaries"] == 20 and audit["kind"] == "gradient" and audit["rounds"] == 1
+        assert 0 <= report["sites"][site]["empirical_epsilon_lower"] <= audit["empirical_epsilon_max"]
+        assert report["sites"][site]["empirical_epsilon_lower"] < audit["epsilon_accounted"]

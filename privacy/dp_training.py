@@ -246,6 +246,8 @@ def pool_grad_samples(model: nn.Module, unit_index: torch.Tensor) -> None:
     rows of each unit (its loss is the mean of its clips' losses). Call between backward and
     the optimizer step, so that Opacus clips and noises one gradient per unit."""
     units = int(unit_index.max()) + 1
+    # One row per unit, in order (clips-per-unit 1): the rows already are the units' gradients.
+    identity = len(unit_index) == units and torch.equal(unit_index, torch.arange(units))
     counts = torch.bincount(unit_index, minlength=units)
     for p in model.parameters():
         if not p.requires_grad or getattr(p, "grad_sample", None) is None:
@@ -255,6 +257,8 @@ def pool_grad_samples(model: nn.Module, unit_index: torch.Tensor) -> None:
         rows = p.grad_sample
         if rows.shape[0] != len(unit_index):
             raise ValueError(f"{rows.shape[0]} per-row gradients for {len(unit_index)} rows")
+        if identity:
+            continue
         index = unit_index.to(rows.device)
         pooled = torch.zeros((units, *rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_add_(0, index, rows)
         p.grad_sample = pooled / counts.to(rows.device, rows.dtype).view(-1, *([1] * (rows.dim() - 1)))

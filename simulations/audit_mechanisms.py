@@ -65,12 +65,12 @@ class Setting:
         })
 
 
-def site_data(units: int, seed: int = 0) -> SiteData:
+def site_data(units: int, seed: int = 0, frames: int = 4, size: int = 16) -> SiteData:
     """``units`` one-clip videos, two classes a model can learn (dark vs bright noise)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), units)
     base = np.where(labels[:, None, None, None, None] == 1, 160, 60)
-    clips = np.clip(base + rng.normal(0, 40, (units, 4, 16, 16, 3)), 0, 255).astype(np.uint8)
+    clips = np.clip(base + rng.normal(0, 40, (units, frames, size, size, 3)), 0, 255).astype(np.uint8)
     ids = [f"video-{i}" for i in range(units)]
     train = ClipSet(clips, labels.astype(np.int64), sources=ids)
     return SiteData(CLASSES, train, PrivacyUnits("video", ids, [[i] for i in range(units)]), None, [])
@@ -168,12 +168,42 @@ def audit_table(setting: Setting, mechanisms=MECHANISMS, kinds=("gradient",)) ->
     return rows
 
 
+def round_cost(canaries: int = 1000, units: int = 360, repeats: int = 2) -> dict[str, float]:
+    """Seconds of one site round of the quick start's model and settings (cnn3d small, 48 px,
+    8 frames, batch 120, 3 local epochs, ``units`` one-clip videos): plain, and with
+    ``canaries`` gradient or input canaries. The best of ``repeats``, interleaved."""
+    import time
+
+    base = {"task": "classify", "frame-size": 48, "clip-frames": 8, "num-server-rounds": 16}
+    data = site_data(units, frames=8, size=48)
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            for kind, count in (("plain", 0), ("gradient", canaries), ("input", canaries)):
+                config = RunConfig.from_mapping({**base, "audit-canaries": count,
+                                                 "audit-canary-kind": "input" if kind == "input" else "gradient"})
+                node = NodeConfig(partition_id=0, num_partitions=1, epsilon_budget=100.0)
+                site = SitePrivacy("site-0", Path(tmp) / f"{kind}-{repeat}", node)
+                model = build_model(config.model_spec(len(CLASSES)))
+                start = time.perf_counter()
+                private_round(model, data, config, site, f"cost-{repeat}", 1, torch.device("cpu"))
+                best[kind] = min(best.get(kind, float("inf")), time.perf_counter() - start)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--epsilon", type=float, default=2.0, help="the target epsilon the site accounts")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cost", action="store_true",
+                        help="instead: seconds of one quick-start site round, plain vs with canaries")
     args = parser.parse_args(argv)
+    if args.cost:
+        cost = round_cost(args.canaries)
+        for kind, seconds in cost.items():
+            print(f"{kind:9} {seconds:7.1f} s   {seconds / cost['plain']:.2f}x plain")
+        return 0
     rows = audit_table(Setting(canaries=args.canaries, target_epsilon=args.epsilon), kinds=("gradient", "input"))
     if args.json:
         print(json.dumps([dict(a.to_dict(), mechanism=m) for m, a in rows], indent=1))

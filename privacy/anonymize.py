@@ -44,12 +44,17 @@ from typing import Iterator, Protocol, Sequence
 import cv2
 import numpy as np
 
+from privacy.anonymize_heads import HeadFinder, HeadSettings, hide_mask, median_background
 from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
 ALGORITHM_VERSION = 2
 BLUR_MODES = ("gaussian", "pixelate", "fill")
+# What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
+# found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
+# for footage whose faces are too small for a face detector.
+ANONYMIZE_MODES = ("faces", "faces+heads")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class AnonymizerSettings:
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     model_dir / short_range_model / full_range_model: where the models come from; see
         `privacy.face_models.verified_face_models` (own files skip the pinned hash check).
+    heads: also hide the heads of moving people in videos (None: faces only); see
+        `for_mode` and `privacy.anonymize_heads`.
     """
 
     min_confidence: float = 0.7
@@ -113,6 +120,16 @@ class AnonymizerSettings:
     model_dir: Path | None = None
     short_range_model: Path | None = None
     full_range_model: Path | None = None
+    heads: HeadSettings | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> "AnonymizerSettings":
+        """Default settings for one of ANONYMIZE_MODES."""
+        if mode not in ANONYMIZE_MODES:
+            raise ValueError(f"anonymize mode must be one of {', '.join(ANONYMIZE_MODES)}, "
+                             f"got {mode!r}")
+        heads = HeadSettings() if mode == "faces+heads" else None
+        return cls(heads=heads, **overrides)
 
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
@@ -146,6 +163,7 @@ class AnonymizeStats:
     faces_blurred: int = 0
     regions_blurred: int = 0
     frames_with_faces: int = 0
+    frames_with_heads: int = 0
 
     def add(self, other: "AnonymizeStats") -> None:
         """Accumulate another stats object into this one."""
@@ -423,19 +441,23 @@ class FaceAnonymizer:
 
     def anonymize_image(self, image: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         """A copy of a BGR uint8 image with every detected face hidden, and the boxes found.
-        An image without faces comes back bit-identical."""
+        An image without faces comes back bit-identical. Heads are found by their motion,
+        so in "faces+heads" mode an image still has only its faces hidden."""
         boxes = self.detect(image)
         return hide_faces(image, boxes, self.settings), boxes
 
-    def stream(self) -> "VideoStream":
-        """A stateful stream for the frames of one video, pushed in order."""
-        return VideoStream(self)
+    def stream(self, background: np.ndarray | None = None) -> "VideoStream":
+        """A stateful stream for the frames of one video, pushed in order. `background`:
+        the scene without people, for hiding heads (see `median_background`)."""
+        heads = self.settings.heads
+        return VideoStream(self, heads=HeadFinder(heads, background) if heads else None)
 
     def anonymize_frames(
             self, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], AnonymizeStats]:
         """Anonymize the BGR uint8 frames of one video, in order. Returns new arrays (the
         input is not modified) and stats. Detector errors propagate."""
-        stream = self.stream()
+        background = median_background(frames) if self.settings.heads and frames else None
+        stream = self.stream(background)
         done: list[AnonymizedFrame] = []
         for frame in frames:
             done += stream.push(frame)
@@ -452,6 +474,7 @@ class _Pending:
     index: int
     frame: np.ndarray
     boxes: list[Box]
+    heads: np.ndarray | None = None  # mask of head pixels to hide
 
 
 @dataclass
@@ -461,6 +484,7 @@ class VideoStream:
     frame is kept by reference until it comes back: do not modify it in the meantime."""
 
     anonymizer: FaceAnonymizer
+    heads: HeadFinder | None = None
     stats: AnonymizeStats = field(default_factory=AnonymizeStats)
     _pending: deque = field(default_factory=deque)
     _recent: deque = field(default_factory=deque)  # (index, boxes) of emitted frames
@@ -472,7 +496,8 @@ class VideoStream:
         self._count += 1
         boxes = self.anonymizer.detector.detect(
             _to_rgb(frame), self.anonymizer._tile_sizes_for(index))
-        self._pending.append(_Pending(index, frame, boxes))
+        heads = self.heads.head_mask(frame) if self.heads is not None else None
+        self._pending.append(_Pending(index, frame, boxes, heads))
         hold = self.anonymizer.settings.hold_frames
         ready = []
         while self._pending and self._pending[0].index <= index - hold:
@@ -491,12 +516,16 @@ class VideoStream:
                   if p.index - current.index <= settings.hold_frames]
         boxes = list(dict.fromkeys(current.boxes + _held_boxes(current.index, current.boxes, past, future)))
         out = hide_faces(current.frame, boxes, settings)
+        with_heads = current.heads is not None and bool(current.heads.any())
+        if with_heads:
+            hide_mask(out, current.heads)
         self._recent.append((current.index, current.boxes))
         while self._recent and current.index - self._recent[0][0] >= settings.hold_frames:
             self._recent.popleft()
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
                                       regions_blurred=len(boxes),
-                                      frames_with_faces=int(bool(boxes))))
+                                      frames_with_faces=int(bool(boxes)),
+                                      frames_with_heads=int(with_heads)))
         return AnonymizedFrame(current.index, current.frame, out, current.boxes, boxes)
 
 

@@ -273,7 +273,7 @@ class TiledFaceDetector:
         """Load both models once; raises FaceModelError if one is missing or unloadable."""
         self.settings = settings
         paths = verified_face_models(settings.model_dir, settings.short_range_model,
-                                     settings.full_range_model)
+                                     settings.full_range_model, keys=("short_range", "full_range"))
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
         threshold = min(settings.min_confidence, settings.small_face_confidence)
         self.short_range = _load_blazeface(paths["short_range"], threshold)

@@ -28,7 +28,7 @@ class HeadSettings:
     """How moving people are found and their heads hidden (all part of the settings key).
 
     head_fraction: the band hidden below a blob's top contour, as a fraction of the blob's
-        height (a standing person's head is ~1/7 of their height; 0.3 also covers a person
+        height (a standing person's head is ~1/7 of their height; 0.25 also covers a person
         whose feet are occluded or who bends).
     margin: extra band above and to the sides of the contour, as a fraction of blob height.
     min_person_px: blobs shorter than this are noise (leaves, compression), not people.
@@ -65,12 +65,16 @@ class HeadFinder:
         self.settings = settings
         self.model = cv2.createBackgroundSubtractorMOG2(
             history=settings.history, varThreshold=settings.var_threshold, detectShadows=True)
+        # MOG2's own rate is 1/(2 * frames seen) at first: it would take a person in the
+        # second frame for background. Started from the background, it learns at 1/history.
+        self.rate = -1.0
         if background is not None:
             self.model.apply(background, learningRate=1.0)
+            self.rate = 1.0 / settings.history
 
     def head_mask(self, frame: np.ndarray) -> np.ndarray:
         """Boolean mask of the head band of every moving person in `frame` (BGR uint8)."""
-        foreground = self.model.apply(frame) == 255  # 127 marks shadows
+        foreground = self.model.apply(frame, learningRate=self.rate) == 255  # 127: shadows
         foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN,
                                       np.ones((3, 3), np.uint8))
         # Join the parts of one person (legs, arms, a torso split by a bag).

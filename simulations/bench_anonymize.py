@@ -249,8 +249,10 @@ def walkers_video(frames: int = 60, size: tuple[int, int] = (768, 576)):
     sources = face_sources()
     rng = np.random.default_rng(2)
     base = background(*size)
+    # Walking pace: 2-4 px per frame, so each walker leaves its own width within 12 frames.
     people = [(rng.uniform(60, size[0] - 60), rng.uniform(120, size[1] - 40),
-               rng.uniform(-3, 3), rng.uniform(-1, 1), int(rng.integers(8, 13)), i)
+               rng.choice([-1, 1]) * rng.uniform(2, 4), rng.uniform(-1, 1),
+               int(rng.integers(8, 13)), i)
               for i in range(8)]
     out, truth = [], []
     for t in range(frames):

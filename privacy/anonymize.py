@@ -90,11 +90,12 @@ class AnonymizerSettings:
         (the region's mean colour).
     hold_frames: a detection also covers this many frames before and after its own.
     tile_sizes / tile_every: pyramid tile edges in pixels and, for each, on every how many
-        frames of a video it runs (images always run every level). On a 1280x720 benchmark
-        of drifting, turning faces, (2, 4, 8) with hold 8 runs at 20 frames/s with 98% of
-        20 px faces hidden; (1, 2, 4) with hold 4 at 12 frames/s with 97%. Levels whose tile is not
-        smaller than the frame are skipped: small training frames get one whole-frame pass,
-        which BlazeFace upsamples to its input size by itself.
+        frames of a video it runs (images always run every level). On the benchmark's
+        1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`, curve),
+        (1, 2, 4) with hold 4 covers 95% of face-frames (14 px: 81%) at 0.66x the frames/s
+        of (2, 4, 8) with hold 8, which covers 90% (14 px: 61%): recall wins. Levels whose
+        tile is not smaller than the frame are skipped: small training frames get one
+        whole-frame pass, which BlazeFace upsamples to its input size by itself.
     tile_overlap: overlap of neighbouring tiles as a fraction of the tile edge.
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     model_dir / short_range_model / full_range_model: where the models come from; see
@@ -112,9 +113,9 @@ class AnonymizerSettings:
     ellipse: bool = True
     blur: str = "gaussian"
     pixel_blocks: int = 6
-    hold_frames: int = 8
+    hold_frames: int = 4
     tile_sizes: tuple[int, ...] = (512, 256, 128)
-    tile_every: tuple[int, ...] = (2, 4, 8)
+    tile_every: tuple[int, ...] = (1, 2, 4)
     tile_overlap: float = 0.25
     nms_iou: float = 0.3
     model_dir: Path | None = None

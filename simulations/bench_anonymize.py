@@ -347,11 +347,13 @@ class FaceScore:
     def line(self) -> str:
         n = len(self.covered)
         after, before = np.array(self.after), np.array(self.before)
-        redetect = lambda t: " / ".join(f"{np.mean(after[:, k] >= t) * 100:.1f}%" for k in (0, 1))
-        base = " / ".join(f"{np.mean(before[:, k] >= 0.3) * 100:.0f}%" for k in (0, 1))
+        covered = after[np.array(self.covered)]
+        rate = lambda scores, t: " / ".join(f"{np.mean(scores[:, k] >= t) * 100:.1f}%"
+                                            for k in (0, 1)) if len(scores) else "-"
         return (f"covered {np.mean(self.covered) * 100:5.1f}% ({sum(self.covered)}/{n}); "
-                f"still detectable (CenterFace / BlazeFace-full) >=0.5: {redetect(0.5)}, "
-                f">=0.3: {redetect(0.3)} (before blurring >=0.3: {base}); "
+                f"still detectable (CenterFace / BlazeFace-full) >=0.5: {rate(after, 0.5)}, "
+                f">=0.3: {rate(after, 0.3)}; of the covered faces >=0.5: {rate(covered, 0.5)}, "
+                f">=0.3: {rate(covered, 0.3)} (before blurring >=0.3: {rate(before, 0.3)}); "
                 f"non-face pixels changed {np.mean(self.collateral) * 100:.2f}%")
 
 

@@ -259,7 +259,9 @@ def walkers_video(frames: int = 60, size: tuple[int, int] = (768, 576)):
         canvas = base.copy()
         heads = []
         for x, y, vx, vy, head, i in people:
-            cx, cy = x + vx * t, y + vy * t
+            # Walkers that reach a side come back in from the other (the frame stays full).
+            cx = 30 + (x + vx * t - 30) % (size[0] - 60)
+            cy = 120 + (y + vy * t - 120) % (size[1] - 160)
             body_h = head * 6
             colour = (40, 40, 60 + 10 * i)
             cv2.ellipse(canvas, (int(cx), int(cy - body_h / 2)), (int(head * 0.9), int(body_h / 2)),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from privacy.accounting import UNITS
+from privacy.anonymize import ANONYMIZE_MODES
 
 SIMULATED_SITE_CONFIG = "FEDVID_SIMULATED_SITE_CONFIG"
 
@@ -43,6 +44,7 @@ class NodeConfig:
     val_fraction: float = 0.2        # units held out for evaluation, only with release-exact-eval
     dp_seed: int = -1                # >= 0: seeded DP noise and sampling (tests, comparisons); -1: os entropy
     allowed_fab_hashes: str = ""     # comma-separated SHA-256 of the app bundles the site runs
+    anonymize_mode: str = "faces"    # "faces", or "faces+heads": also hide moving people's heads
     partition_id: int = -1           # simulation only (set by Flower)
     num_partitions: int = 0          # simulation only (set by Flower)
 
@@ -72,6 +74,9 @@ class NodeConfig:
             raise ValueError(f"node-config privacy-unit = {self.privacy_unit!r} must be one of {', '.join(UNITS)}")
         if self.privacy_unit == "person" and not self.subjects:
             raise ValueError("node-config privacy-unit = \"person\" needs subjects: a CSV of video,subject")
+        if self.anonymize_mode not in ANONYMIZE_MODES:
+            raise ValueError(f"node-config anonymize-mode = {self.anonymize_mode!r} must be one of "
+                             f"{', '.join(ANONYMIZE_MODES)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"node-config val-fraction = {self.val_fraction} must be in [0, 1)")
         if not self.data_dir and self.partition_id < 0:

@@ -86,9 +86,10 @@ def site_items(config: RunConfig, node: NodeConfig) -> tuple[tuple[str, ...], li
 
 
 @lru_cache(maxsize=1)
-def site_anonymizer() -> FaceAnonymizer:
-    """The face anonymizer, loaded once per process; fails closed without a face model."""
-    return FaceAnonymizer(AnonymizerSettings())
+def site_anonymizer(mode: str = "faces") -> FaceAnonymizer:
+    """The anonymizer for node-config `anonymize-mode`, loaded once per process; fails closed
+    without a face model."""
+    return FaceAnonymizer(AnonymizerSettings.for_mode(mode))
 
 
 @dataclass

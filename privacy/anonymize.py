@@ -8,10 +8,22 @@ smaller relative to its input than the full-range model does, at 40% of its cost
 overlap of 25% is wider than the smallest face the next coarser level finds, so a face cut
 by one level's tile border is whole inside some tile of the next level.
 
+Which boxes count as faces is a confidence and size policy chosen on labelled negatives
+(face-free photos, textures, video; `simulations/bench_anonymize.py`): false positives on
+textures are small boxes at low scores or large boxes at scores up to ~0.6, while real
+faces are either small (and then often scored 0.3-0.5 by the 128 px tiles) or large and
+scored above 0.7. A box covering less than `small_face_area` of the frame is kept from
+`small_face_confidence`, a larger one from `min_confidence`: small false positives cost
+little area, large ones cost much.
+
+A face is hidden by an ellipse, not the rectangle around it: the ellipse of a box scaled by
+`box_scale` covers hair and chin while changing ~80% of the pixels its bounding box would.
+
 Video is processed as a stream. The fine tile levels run only every few frames (keyframes)
-and every detection is held for `hold_frames` frames before AND after the frame it was made
-on (the stream looks ahead), with boxes interpolated between matching detections, so a
-face missed on one frame, or found only on keyframes, is still blurred on every frame.
+and the stream looks ahead `hold_frames` frames. A detection is tracked to the nearest
+matching detection before and after it (a linear motion model between the two), so a moving
+face found only on keyframes is covered where it is, not by a smear of held boxes; a box
+with no match on one side (a face entering, leaving, or missed) is held still there.
 Any detector error propagates: no frame is ever returned unblurred because detection failed.
 """
 
@@ -32,12 +44,17 @@ from typing import Iterator, Protocol, Sequence
 import cv2
 import numpy as np
 
+from privacy.anonymize_heads import HeadFinder, HeadSettings, hide_mask, median_background
 from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 BLUR_MODES = ("gaussian", "pixelate", "fill")
+# What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
+# found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
+# for footage whose faces are too small for a face detector.
+ANONYMIZE_MODES = ("faces", "faces+heads")
 
 
 @dataclass(frozen=True)
@@ -61,45 +78,68 @@ class AnonymizerSettings:
 
     min_face_px: boxes narrower than this are dropped: no one is recognisable from a face a
         few pixels wide, and on small frames such boxes are mostly texture mistaken for faces.
-    min_confidence: detector score threshold (0.5: at 0.4 the 128 px tiles give ~3x the false
-        positives on face-free scenes for little gain in recall).
-    box_scale / box_shift_up: BlazeFace's box spans brows to mouth; the blurred region is
-        the box scaled by box_scale and moved up by box_shift_up of its height (hair).
+    min_confidence / small_face_confidence / small_face_area: the score a box needs, by its
+        area as a fraction of the frame: from small_face_area up, min_confidence (0.7: face-
+        free photos and textures give large boxes at up to 0.6-0.72, real faces of 48 px and
+        more score above 0.7); below it, small_face_confidence (0.3: 20 px faces in 720p
+        frames score 0.3-0.5, and a small false positive changes little of the frame).
+    box_scale / box_shift_up: BlazeFace's box spans brows to mouth; the hidden ellipse is
+        inscribed in the box scaled by box_scale and moved up by box_shift_up of its height
+        (hair). ellipse=False hides the whole scaled rectangle instead.
     blur: "gaussian" (sigma = region width / 3), "pixelate" (pixel_blocks across) or "fill"
         (the region's mean colour).
     hold_frames: a detection also covers this many frames before and after its own.
     tile_sizes / tile_every: pyramid tile edges in pixels and, for each, on every how many
-        frames of a video it runs (images always run every level). On a 1280x720 benchmark
-        of drifting, turning faces, (2, 4, 8) with hold 8 runs at 20 frames/s with 98% of
-        20 px faces hidden; (1, 2, 4) with hold 4 at 12 frames/s with 97%. Levels whose tile is not
-        smaller than the frame are skipped: small training frames get one whole-frame pass,
-        which BlazeFace upsamples to its input size by itself.
+        frames of a video it runs (images always run every level). On the benchmark's
+        1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`, curve),
+        (1, 2, 4) with hold 4 covers 95% of face-frames (14 px: 81%) at 0.66x the frames/s
+        of (2, 4, 8) with hold 8, which covers 90% (14 px: 61%): recall wins. Levels whose
+        tile is not smaller than the frame are skipped: small training frames get one
+        whole-frame pass, which BlazeFace upsamples to its input size by itself.
     tile_overlap: overlap of neighbouring tiles as a fraction of the tile edge.
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     model_dir / short_range_model / full_range_model: where the models come from; see
         `privacy.face_models.verified_face_models` (own files skip the pinned hash check).
+    heads: also hide the heads of moving people in videos (None: faces only); see
+        `for_mode` and `privacy.anonymize_heads`.
     """
 
-    min_confidence: float = 0.5
+    min_confidence: float = 0.7
+    small_face_confidence: float = 0.3
+    small_face_area: float = 0.001
     min_face_px: int = 8
     box_scale: float = 1.6
     box_shift_up: float = 0.1
+    ellipse: bool = True
     blur: str = "gaussian"
     pixel_blocks: int = 6
-    hold_frames: int = 8
+    hold_frames: int = 4
     tile_sizes: tuple[int, ...] = (512, 256, 128)
-    tile_every: tuple[int, ...] = (2, 4, 8)
+    tile_every: tuple[int, ...] = (1, 2, 4)
     tile_overlap: float = 0.25
     nms_iou: float = 0.3
     model_dir: Path | None = None
     short_range_model: Path | None = None
     full_range_model: Path | None = None
+    heads: HeadSettings | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> "AnonymizerSettings":
+        """Default settings for one of ANONYMIZE_MODES."""
+        if mode not in ANONYMIZE_MODES:
+            raise ValueError(f"anonymize mode must be one of {', '.join(ANONYMIZE_MODES)}, "
+                             f"got {mode!r}")
+        heads = HeadSettings() if mode == "faces+heads" else None
+        return cls(heads=heads, **overrides)
 
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
-        if not 0.0 < self.min_confidence < 1.0:
-            raise ValueError(f"min_confidence must be in (0, 1), got {self.min_confidence}")
+        for name in ("min_confidence", "small_face_confidence"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.small_face_area < 1.0:
+            raise ValueError(f"small_face_area must be in [0, 1), got {self.small_face_area}")
         if self.box_scale < 1.0:
             raise ValueError(f"box_scale must be >= 1, got {self.box_scale}")
         if len(self.tile_sizes) != len(self.tile_every) or min(self.tile_every, default=1) < 1:
@@ -124,6 +164,7 @@ class AnonymizeStats:
     faces_blurred: int = 0
     regions_blurred: int = 0
     frames_with_faces: int = 0
+    frames_with_heads: int = 0
 
     def add(self, other: "AnonymizeStats") -> None:
         """Accumulate another stats object into this one."""
@@ -188,6 +229,14 @@ def _close_quietly(model) -> None:
         model._handle = None
 
 
+def is_face(box: Box, frame_area: int, settings: AnonymizerSettings) -> bool:
+    """The confidence and size policy: wide enough, and scored high enough for its size."""
+    if box.w < settings.min_face_px:
+        return False
+    small = box.area < settings.small_face_area * frame_area
+    return box.score >= (settings.small_face_confidence if small else settings.min_confidence)
+
+
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets of tiles of edge `tile` covering [0, length) with at least the given
     fractional overlap, spread evenly so the last tile ends at the border."""
@@ -225,11 +274,12 @@ class TiledFaceDetector:
         """Load both models once; raises FaceModelError if one is missing or unloadable."""
         self.settings = settings
         paths = verified_face_models(settings.model_dir, settings.short_range_model,
-                                     settings.full_range_model)
+                                     settings.full_range_model, keys=("short_range", "full_range"))
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
-        self.short_range = _load_blazeface(paths["short_range"], settings.min_confidence)
+        threshold = min(settings.min_confidence, settings.small_face_confidence)
+        self.short_range = _load_blazeface(paths["short_range"], threshold)
         try:
-            self.full_range = _load_blazeface(paths["full_range"], settings.min_confidence)
+            self.full_range = _load_blazeface(paths["full_range"], threshold)
         except FaceModelError:
             self.short_range.close()
             raise
@@ -253,7 +303,7 @@ class TiledFaceDetector:
             for y in tile_origins(height, tile, self.settings.tile_overlap):
                 for x in tile_origins(width, tile, self.settings.tile_overlap):
                     boxes += self._run(self.short_range, rgb[y:y + tile, x:x + tile], x, y)
-        boxes = [box for box in boxes if box.w >= self.settings.min_face_px]
+        boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
 
     @staticmethod
@@ -290,32 +340,48 @@ def region_of(box: Box, settings: AnonymizerSettings,
 
 
 def hide_region(frame: np.ndarray, region: tuple[int, int, int, int], mode: str,
-                pixel_blocks: int = 6) -> None:
-    """Overwrite frame[region] in place with a blurred, pixelated or filled version."""
+                pixel_blocks: int = 6, ellipse: bool = False) -> None:
+    """Overwrite frame[region] in place with a blurred, pixelated or filled version: all of
+    it, or only the ellipse inscribed in it."""
     x0, y0, x1, y1 = region
     patch = frame[y0:y1, x0:x1]
     if patch.size == 0:
         return
     if mode == "gaussian":
-        frame[y0:y1, x0:x1] = _strong_gaussian(patch)
+        hidden = _strong_gaussian(patch)
     elif mode == "pixelate":
         blocks_w = max(1, min(pixel_blocks, patch.shape[1]))
         blocks_h = max(1, round(blocks_w * patch.shape[0] / patch.shape[1]))
         small = cv2.resize(patch, (blocks_w, blocks_h), interpolation=cv2.INTER_AREA)
-        frame[y0:y1, x0:x1] = cv2.resize(small, (patch.shape[1], patch.shape[0]),
-                                         interpolation=cv2.INTER_NEAREST)
+        hidden = cv2.resize(small, (patch.shape[1], patch.shape[0]),
+                            interpolation=cv2.INTER_NEAREST)
     elif mode == "fill":
-        frame[y0:y1, x0:x1] = patch.reshape(-1, *patch.shape[2:]).mean(axis=0).astype(frame.dtype)
+        hidden = np.broadcast_to(patch.reshape(-1, *patch.shape[2:]).mean(axis=0)
+                                 .astype(frame.dtype), patch.shape)
     else:
         raise ValueError(f"unknown blur mode {mode!r}")
+    if ellipse:
+        inside = ellipse_mask(patch.shape[1], patch.shape[0])
+        patch[inside] = hidden.reshape(patch.shape)[inside]
+    else:
+        patch[...] = hidden.reshape(patch.shape)
+
+
+def ellipse_mask(width: int, height: int) -> np.ndarray:
+    """Boolean mask of the ellipse inscribed in a width x height rectangle."""
+    ys = (np.arange(height) + 0.5 - height / 2) / (height / 2)
+    xs = (np.arange(width) + 0.5 - width / 2) / (width / 2)
+    return ys[:, None] ** 2 + xs[None, :] ** 2 <= 1.0
 
 
 def hide_faces(image: np.ndarray, boxes: Sequence[Box], settings: AnonymizerSettings) -> np.ndarray:
-    """A copy of `image` with the enlarged region of every box hidden."""
+    """A copy of `image` with the enlarged region (ellipse) of every box hidden."""
     out = image.copy()
-    regions = _drop_contained([region_of(box, settings, out.shape) for box in boxes])
+    regions = [region_of(box, settings, out.shape) for box in boxes]
+    # A rectangle inside another is hidden by it; an ellipse need not be.
+    regions = sorted(set(regions)) if settings.ellipse else _drop_contained(regions)
     for region in regions:
-        hide_region(out, region, settings.blur, settings.pixel_blocks)
+        hide_region(out, region, settings.blur, settings.pixel_blocks, settings.ellipse)
     return out
 
 
@@ -376,19 +442,23 @@ class FaceAnonymizer:
 
     def anonymize_image(self, image: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         """A copy of a BGR uint8 image with every detected face hidden, and the boxes found.
-        An image without faces comes back bit-identical."""
+        An image without faces comes back bit-identical. Heads are found by their motion,
+        so in "faces+heads" mode an image still has only its faces hidden."""
         boxes = self.detect(image)
         return hide_faces(image, boxes, self.settings), boxes
 
-    def stream(self) -> "VideoStream":
-        """A stateful stream for the frames of one video, pushed in order."""
-        return VideoStream(self)
+    def stream(self, background: np.ndarray | None = None) -> "VideoStream":
+        """A stateful stream for the frames of one video, pushed in order. `background`:
+        the scene without people, for hiding heads (see `median_background`)."""
+        heads = self.settings.heads
+        return VideoStream(self, heads=HeadFinder(heads, background) if heads else None)
 
     def anonymize_frames(
             self, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], AnonymizeStats]:
         """Anonymize the BGR uint8 frames of one video, in order. Returns new arrays (the
         input is not modified) and stats. Detector errors propagate."""
-        stream = self.stream()
+        background = median_background(frames) if self.settings.heads and frames else None
+        stream = self.stream(background)
         done: list[AnonymizedFrame] = []
         for frame in frames:
             done += stream.push(frame)
@@ -405,6 +475,7 @@ class _Pending:
     index: int
     frame: np.ndarray
     boxes: list[Box]
+    heads: np.ndarray | None = None  # mask of head pixels to hide
 
 
 @dataclass
@@ -414,6 +485,7 @@ class VideoStream:
     frame is kept by reference until it comes back: do not modify it in the meantime."""
 
     anonymizer: FaceAnonymizer
+    heads: HeadFinder | None = None
     stats: AnonymizeStats = field(default_factory=AnonymizeStats)
     _pending: deque = field(default_factory=deque)
     _recent: deque = field(default_factory=deque)  # (index, boxes) of emitted frames
@@ -425,7 +497,8 @@ class VideoStream:
         self._count += 1
         boxes = self.anonymizer.detector.detect(
             _to_rgb(frame), self.anonymizer._tile_sizes_for(index))
-        self._pending.append(_Pending(index, frame, boxes))
+        heads = self.heads.head_mask(frame) if self.heads is not None else None
+        self._pending.append(_Pending(index, frame, boxes, heads))
         hold = self.anonymizer.settings.hold_frames
         ready = []
         while self._pending and self._pending[0].index <= index - hold:
@@ -442,14 +515,18 @@ class VideoStream:
         past = [(i, b) for i, b in self._recent if current.index - i <= settings.hold_frames]
         future = [(p.index, p.boxes) for p in self._pending
                   if p.index - current.index <= settings.hold_frames]
-        boxes = list(dict.fromkeys(current.boxes + _held_boxes(current.index, past, future)))
+        boxes = list(dict.fromkeys(current.boxes + _held_boxes(current.index, current.boxes, past, future)))
         out = hide_faces(current.frame, boxes, settings)
+        with_heads = current.heads is not None and bool(current.heads.any())
+        if with_heads:
+            hide_mask(out, current.heads)
         self._recent.append((current.index, current.boxes))
         while self._recent and current.index - self._recent[0][0] >= settings.hold_frames:
             self._recent.popleft()
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
                                       regions_blurred=len(boxes),
-                                      frames_with_faces=int(bool(boxes))))
+                                      frames_with_faces=int(bool(boxes)),
+                                      frames_with_heads=int(with_heads)))
         return AnonymizedFrame(current.index, current.frame, out, current.boxes, boxes)
 
 
@@ -465,18 +542,34 @@ class AnonymizedFrame:
     hidden: list[Box]
 
 
-def _held_boxes(index: int, past: list[tuple[int, list[Box]]],
+def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box]]],
                 future: list[tuple[int, list[Box]]]) -> list[Box]:
-    """Boxes from neighbouring frames held over `index`, plus, for each past box, one box
-    interpolated towards the nearest future box of what looks like the same face (a moving
-    face). Duplicates are dropped: a static face gives the same box on every frame."""
-    held = {box for _, boxes in past + future for box in boxes}
+    """Boxes carried over `index` from neighbouring frames. A past box whose nearest match
+    ahead (what looks like the same face) has it as its own nearest match behind is tracked:
+    the box interpolated between the two. A box with no match on the other side, and not
+    overlapping a box found on this frame, is held still (a face entering, leaving or
+    missed there). Duplicates are dropped: a static face gives the same box each frame."""
+    past_boxes = [a for _, before in past for a in before]
+    future_boxes = [b for _, after in future for b in after]
+    held: set[Box] = set()
+    tracked: set[Box] = set()
     for i, before in past:
         for a in before:
             matches = [(j, b) for j, after in future for b in after if _same_face(a, b)]
             if matches:
                 j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
-                held.add(_interpolate(a, b, (index - i) / (j - i)))
+                # Mutual nearest: two faces side by side are not swapped into one track.
+                if a is min((p for p in past_boxes if _same_face(p, b)),
+                            key=lambda p: _distance(p, b)):
+                    held.add(_interpolate(a, b, (index - i) / (j - i)))
+                    tracked.add(b)
+                    continue
+            if not any(_overlaps(a, c, 0.3) for c in current):
+                held.add(a)
+    for b in future_boxes:
+        if (b not in tracked and not any(_same_face(a, b) for a in past_boxes)
+                and not any(_overlaps(b, c, 0.3) for c in current)):
+            held.add(b)
     return list(held)
 
 

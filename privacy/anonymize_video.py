@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from privacy.anonymize import AnonymizedFrame, AnonymizerSettings, AnonymizeStats, FaceAnonymizer
+from privacy.anonymize_heads import median_background
 
 VIDEO_INPUTS = (".mp4", ".avi", ".mov", ".mkv")
 VIDEO_OUTPUTS = (".mp4",)
@@ -88,8 +89,9 @@ def _anonymize_video_file(anonymizer: FaceAnonymizer, src: Path, dst: Path,
         if not ok or first is None:
             raise VideoError(src, "video has no frames (or its first frame cannot be decoded)")
         previews: list[AnonymizedFrame] = []
+        background = _background_of(src) if anonymizer.settings.heads else None
         stats = _write_atomically(dst, lambda tmp: _encode_video(
-            anonymizer, capture, first, tmp, previews, progress, src.name))
+            anonymizer, capture, first, tmp, previews, progress, src.name, background))
     finally:
         capture.release()
     if preview is not None:
@@ -97,8 +99,33 @@ def _anonymize_video_file(anonymizer: FaceAnonymizer, src: Path, dst: Path,
     return stats
 
 
+def _background_of(src: Path, samples: int = 25) -> np.ndarray:
+    """The median of frames sampled over the whole video (a first decoding pass), from
+    which the head finder starts: people are found from the first frame on."""
+    capture = cv2.VideoCapture(str(src))
+    try:
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or 1
+        step = max(1, count // samples)
+        picks, index = [], 0
+        while True:
+            ok = capture.grab()
+            if not ok:
+                break
+            if index % step == 0:
+                ok, frame = capture.retrieve()
+                if ok:
+                    picks.append(frame)
+            index += 1
+    finally:
+        capture.release()
+    if not picks:
+        raise VideoError(src, "video has no frames (or its first frame cannot be decoded)")
+    return median_background(picks, samples)
+
+
 def _encode_video(anonymizer: FaceAnonymizer, capture, first: np.ndarray, tmp: Path,
-                  previews: list[AnonymizedFrame], progress: bool, name: str) -> AnonymizeStats:
+                  previews: list[AnonymizedFrame], progress: bool, name: str,
+                  background: np.ndarray | None = None) -> AnonymizeStats:
     """Stream the frames of `capture` (whose first frame is already read) into an mp4."""
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if fps and np.isfinite(fps) and fps > 0 else 30.0
@@ -109,7 +136,7 @@ def _encode_video(anonymizer: FaceAnonymizer, capture, first: np.ndarray, tmp: P
     if not writer.isOpened():
         raise VideoError(tmp, "cannot open an mp4 encoder for it")
     try:
-        stream = anonymizer.stream()
+        stream = anonymizer.stream(background)
         with _progress_bar(progress, name, expected) as advance:
             frame = first
             while frame is not None:

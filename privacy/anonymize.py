@@ -34,6 +34,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import struct
 import tempfile
 import weakref
 from collections import deque
@@ -112,6 +114,11 @@ class AnonymizerSettings:
         by tens of levels; the noise of a still camera's encoded video stays under 4 in 90%
         or more of its blocks (`bench_anonymize`). On a still camera most tiles are
         background, so most of the pyramid is skipped; on a moving camera nothing is.
+    processes: how many processes run the short-range model on tiles (this one and
+        processes - 1 helpers, started on the first frame that has more than a few tiles to
+        scan, never for small training frames). MediaPipe serialises every call of a
+        process on one thread, so a second process is what uses a second core. It changes
+        speed, not output; 1 runs everything here.
     model_dir / short_range_model / full_range_model: where the models come from; see
         `privacy.face_models.verified_face_models` (own files skip the pinned hash check).
     heads: also hide the heads of moving people in videos (None: faces only); see
@@ -131,11 +138,13 @@ class AnonymizerSettings:
     tile_sizes: tuple[int, ...] = (512, 256, 128)
     tile_every: tuple[int, ...] = (2, 4, 2)
     image_tile_sizes: tuple[int, ...] = (80,)
+    image_tile_confidence: float = 0.45
     tile_overlap: float = 0.25
     nms_iou: float = 0.3
     reuse_unchanged: bool = True
     change_threshold: float = 6.0
     reuse_max_frames: int = 30
+    processes: int = 2
     model_dir: Path | None = None
     short_range_model: Path | None = None
     full_range_model: Path | None = None
@@ -153,11 +162,13 @@ class AnonymizerSettings:
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
-        for name in ("min_confidence", "small_face_confidence"):
+        for name in ("min_confidence", "small_face_confidence", "image_tile_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_face_area < 1.0:
             raise ValueError(f"small_face_area must be in [0, 1), got {self.small_face_area}")
+        if self.processes < 1:
+            raise ValueError(f"processes must be at least 1, got {self.processes}")
         if self.box_scale < 1.0:
             raise ValueError(f"box_scale must be >= 1, got {self.box_scale}")
         if len(self.tile_sizes) != len(self.tile_every) or min(self.tile_every, default=1) < 1:
@@ -296,6 +307,8 @@ class TiledFaceDetector:
                                      settings.full_range_model, keys=("short_range", "full_range"))
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
         threshold = min(settings.min_confidence, settings.small_face_confidence)
+        self._short_range_path, self._threshold = paths["short_range"], threshold
+        self._helpers: _TileHelpers | None = None
         self.short_range = _load_blazeface(paths["short_range"], threshold)
         try:
             self.full_range = _load_blazeface(paths["full_range"], threshold)
@@ -307,7 +320,10 @@ class TiledFaceDetector:
                             for model in (self.short_range, self.full_range)]
 
     def close(self) -> None:
-        """Release the MediaPipe tasks."""
+        """Release the MediaPipe tasks and stop the helper processes."""
+        if self._helpers is not None:
+            self._helpers.close()
+            self._helpers = None
         for finalizer in self._finalizers:
             finalizer()
 
@@ -319,24 +335,60 @@ class TiledFaceDetector:
         height, width = rgb.shape[:2]
         if memory is not None:
             memory.next_frame(rgb)
-        passes = [("short", 0, 0, width, height), ("full", 0, 0, width, height)]
+        passes = [("whole-short", 0, 0, width, height), ("whole-full", 0, 0, width, height)]
         for tile in tile_sizes:
             if tile >= max(width, height):
                 continue
             for y in tile_origins(height, tile, self.settings.tile_overlap):
                 for x in tile_origins(width, tile, self.settings.tile_overlap):
-                    passes.append(("short", x, y, tile, tile))
+                    passes.append(("tile", x, y, tile, tile))
+        results: list[list[Box] | None] = [
+            memory.recall(key) if memory is not None else None for key in passes]
+        todo = [i for i, found in enumerate(results) if found is None]
+        # Tiles for the helper processes: all but every n-th short-range tile still to scan.
+        tiles = [i for i in todo if passes[i][0] == "tile"]
+        helpers = self._helpers_for(len(tiles))
+        n = self.settings.processes
+        sent = [i for k, i in enumerate(tiles) if k % n] if helpers is not None else []
+        try:
+            pending = helpers.detect(rgb, [passes[i] for i in sent]) if sent else []
+            remote = set(sent)
+            for i in todo:
+                if i in remote:
+                    continue
+                model, x, y, w, h = passes[i]
+                results[i] = self._run(self.full_range if model == "whole-full"
+                                       else self.short_range, rgb[y:y + h, x:x + w], x, y)
+            for helper, chunk in pending:
+                for i, found in zip(chunk, helpers.collect(helper)):  # raises its error
+                    results[sent[i]] = found
+        except BaseException:
+            # Replies still in a pipe would be read as the next frame's: start afresh.
+            if self._helpers is not None:
+                self._helpers.close()
+                self._helpers = None
+            raise
         boxes: list[Box] = []
-        for model, x, y, w, h in passes:
-            found = memory.recall((model, x, y, w, h)) if memory is not None else None
-            if found is None:
-                found = self._run(self.full_range if model == "full" else self.short_range,
-                                  rgb[y:y + h, x:x + w], x, y)
+        scanned = set(todo)
+        for i, (key, found) in enumerate(zip(passes, results)):
+            if i in scanned:
+                if key[0] == "tile" and key[3] in self.settings.image_tile_sizes:
+                    found = [box for box in found
+                             if box.score >= self.settings.image_tile_confidence]
                 if memory is not None:
-                    memory.store((model, x, y, w, h), found)
+                    memory.store(key, found)
             boxes += found
         boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
+
+    def _helpers_for(self, tiles: int) -> "_TileHelpers | None":
+        """The helper processes, started when a frame has enough tiles to share."""
+        if self.settings.processes < 2 or tiles < 4:
+            return None
+        if self._helpers is None:
+            self._helpers = _TileHelpers(self._short_range_path, self._threshold,
+                                         self.settings.processes - 1)
+        return self._helpers
 
     @staticmethod
     def _run(model, rgb: np.ndarray, x0: int, y0: int) -> list[Box]:
@@ -353,6 +405,120 @@ class TiledFaceDetector:
             if w > 0 and h > 0:
                 found.append(Box(x + x0, y + y0, w, h, float(detection.categories[0].score)))
         return found
+
+
+
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("the other end closed the pipe")
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other end closed the pipe")
+    return pickle.loads(data)
+
+
+def helper_main() -> None:
+    """Body of a tile helper process (see `_TileHelpers`): reads the model path and
+    threshold, then lists of (tile, x, y) on stdin; writes ("ok", boxes per tile) or
+    ("error", text) for each to its original stdout. Native libraries' output goes to
+    stderr, so that it cannot corrupt the replies."""
+    import sys
+
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    path, threshold = _receive(requests)
+    try:
+        model = _load_blazeface(Path(path), threshold)
+    except FaceModelError as exc:
+        _send(replies, ("error", str(exc)))
+        return
+    _send(replies, ("ok", None))
+    while True:
+        try:
+            tiles = _receive(requests)
+        except EOFError:
+            return
+        try:
+            _send(replies, ("ok", [TiledFaceDetector._run(model, t, x, y) for t, x, y in tiles]))
+        except Exception as exc:  # reported to the parent, which raises it
+            _send(replies, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+class _TileHelpers:
+    """Processes, each with its own short-range model, that scan tiles for the detector.
+    Plain subprocesses on pipes (not multiprocessing: its "spawn" re-runs the caller's main
+    script, and MediaPipe's threads do not survive a fork). A helper's error, or a helper
+    that dies, raises in `collect`: detection fails closed."""
+
+    def __init__(self, path: Path, threshold: float, count: int):
+        import subprocess
+        import sys
+
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        command = [sys.executable, "-c", "from privacy.anonymize import helper_main; helper_main()"]
+        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, env=env)
+                      for _ in range(count)]
+        self._started = [False] * count
+        self._finalizer = weakref.finalize(self, _stop_helpers, self.procs)
+        for proc in self.procs:
+            _send(proc.stdin, (str(path), threshold))
+
+    def detect(self, rgb: np.ndarray, passes: list[tuple]) -> list[tuple[int, list[int]]]:
+        """Send the tile passes, split over the helpers: [(helper, indices into passes)]."""
+        sent = []
+        for k, proc in enumerate(self.procs):
+            chunk = list(range(k, len(passes), len(self.procs)))
+            if chunk:
+                tiles = [(np.ascontiguousarray(rgb[y:y + h, x:x + w]), x, y)
+                         for _, x, y, w, h in (passes[i] for i in chunk)]
+                _send(proc.stdin, tiles)
+                sent.append((k, chunk))
+        return sent
+
+    def collect(self, helper: int) -> list[list[Box]]:
+        """The boxes of each tile sent to one helper, in order."""
+        proc = self.procs[helper]
+        try:
+            if not self._started[helper]:
+                self._check(_receive(proc.stdout))
+                self._started[helper] = True
+            return self._check(_receive(proc.stdout))
+        except EOFError as exc:
+            raise RuntimeError(f"face detector helper process exited ({proc.poll()})") from exc
+
+    @staticmethod
+    def _check(reply):
+        status, value = reply
+        if status != "ok":
+            raise FaceModelError(value) if "face model" in value else RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        """Stop the helper processes."""
+        self._finalizer()
+
+
+def _stop_helpers(procs) -> None:
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            proc.kill()
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
 
 
 class PassMemory:
@@ -511,7 +677,7 @@ class FaceAnonymizer:
         """Hex digest of the settings, the models' SHA-256 and the algorithm version: equal
         keys mean equal output, so caches of anonymized clips can be keyed on it."""
         values = dataclasses.asdict(self.settings)
-        for name in ("model_dir", "short_range_model", "full_range_model"):
+        for name in ("model_dir", "short_range_model", "full_range_model", "processes"):
             values.pop(name)  # where the models lie does not matter, their bytes do
         values["models"] = dict(sorted(self.detector.model_sha256.items()))
         values["algorithm_version"] = ALGORITHM_VERSION

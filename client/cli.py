@@ -7,6 +7,7 @@
     fedvid audit RUN_DIR --site-keys FILE   check a run's privacy ledger against the sites' pinned keys
     fedvid audit --site-dir DIR       check one site's own ledger and budget
     fedvid ledger-key --privacy-dir DIR   print a site's ledger public key (to pin with the auditors)
+    fedvid pretrain --out FILE        train a model on public data, for run-config `init-from`
     fedvid export RUN_DIR --out DIR   distill and quantize the final model to int8 ONNX
     fedvid predict MODEL.onnx VIDEO   classify a video's clips with an exported model
     fedvid generate RUN_DIR --out DIR write sample videos from a trained generator
@@ -69,6 +70,20 @@ def cmd_ledger_key(args: argparse.Namespace) -> int:
     from privacy.ledger import LedgerKey
 
     print(LedgerKey.load_or_create(args.privacy_dir).public_key_text())
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from models.pretrained import pretrain
+    from simulations.federation import resolve_run_config
+
+    config = resolve_run_config(args.run_config)
+    result = pretrain(config, args.out, args.data, args.epochs, progress=True)
+    last = result["history"][-1]
+    headline = {k: round(v, 4) for k, v in last.items() if k.startswith("held-out-")}
+    print(f"{args.out}: {config.task}/{config.model}-{config.model_size} on {result['train-clips']} public clips "
+          f"of {result['public-data']} ({', '.join(result['classes'])}), {result['epochs']} epochs; {headline}")
+    print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"'")
     return 0
 
 
@@ -161,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ledger-key", help="print a site's ledger public key (created if missing), to pin with the auditors")
     p.add_argument("--privacy-dir", type=Path, required=True, help="the site's privacy dir (node config `privacy-dir`)")
     p.set_defaults(func=cmd_ledger_key)
+
+    p = sub.add_parser("pretrain", help="train the run's model without DP on public videos no site holds, for init-from")
+    p.add_argument("--out", type=Path, required=True, help="the model file to write (a fedvid model file)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="public videos, one sub-folder per class (default: the built-in public set: other "
+                        "shapes, backgrounds and motions than the sites' data)")
+    p.add_argument("--run-config", default="", help="the run's model and clip settings, e.g. 'model=\"r3d-18\" model-size=\"tiny\"'")
+    p.add_argument("--epochs", type=int, default=12)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("export", help="distill the run's model into a small student and quantize both to int8 ONNX")
     p.add_argument("run_dir", type=Path)

@@ -22,6 +22,7 @@ from client.private_round import SitePrivacy, private_round
 from client.run_config import RunConfig
 from client.site import SiteData, default_privacy_dir, load_site_data, site_anonymizer, site_id
 from client.train import pick_device
+from models.pretrained import freeze_except
 from models.registry import build_model
 from models.tasks import get_task
 from privacy.dp_training import clip_update
@@ -45,9 +46,11 @@ def site_of(context: Context) -> tuple[RunConfig, NodeConfig, SitePrivacy, SiteD
 
 
 def global_model(msg: Message, config: RunConfig, num_classes: int) -> torch.nn.Module:
-    """The model the server sent, rebuilt from the shared registry."""
+    """The model the server sent, rebuilt from the shared registry, with only the run's
+    `trainable-layers` left to train."""
     model = build_model(config.model_spec(num_classes))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    freeze_except(model, config.trainable_layers)
     return model
 
 

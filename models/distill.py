@@ -75,7 +75,8 @@ def student_spec(teacher: ModelSpec, student: str | None = None) -> ModelSpec:
 
 
 def synthetic_transfer_dir(home: Path, videos_per_class: int = TRANSFER_VIDEOS_PER_CLASS) -> Path:
-    """The default transfer set: synthetic videos written once under `home`/data/."""
+    """Labelled synthetic videos of the sites' classes from a seed of their own, written once under
+    `home`/data/: the first frames `fedvid generate` starts from (export distils on public data)."""
     from client.synth import is_complete, write_synthetic_dataset
 
     target = Path(home) / "data" / f"synth-transfer-{TRANSFER_SEED}-{videos_per_class}"

@@ -33,7 +33,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 from client.dataset import clips_to_tensor
-from models.distill import ALPHA, EPOCHS, TEMPERATURE, distill, load_transfer_set, synthetic_transfer_dir
+from models.distill import ALPHA, EPOCHS, TEMPERATURE, distill, load_transfer_set
+from models.pretrained import public_data_dir
 from models.predict import INPUT_LAYOUT, META_CLASSES, META_CLIP_FRAMES, META_FRAME_SIZE, META_FRAME_STRIDE, META_INPUT
 from models.registry import ModelSpec, count_parameters
 
@@ -358,12 +359,13 @@ def export_run(
     """Distil, export, quantize and measure a finished run's global model; return the report.
 
     `transfer`: a public video folder (folder-per-class or flat; labels where sub-folders
-    name the run's classes); default: synthetic videos disjoint from the built-in dataset.
+    name the run's classes); default: the built-in public set (`models.pretrained`), whose
+    labels are none of the sites', so the student learns from the teacher alone.
     `student`: "NAME-SIZE", a family or a size (see `models.distill.student_spec`); default:
     the early-fusion `cnn2d` at the teacher's size. Writes the artefacts and report.json / report.md into
     `out_dir`. Raises FileNotFoundError naming the path when the run has no final model.
     """
-    from client.site import cache_dir, clip_spec, fedvid_home, federation_split, site_anonymizer
+    from client.site import cache_dir, clip_spec, federation_split, site_anonymizer
     from client.dataset import load_clips
     from server.run_dir import load_finished_run, save_model
 
@@ -375,7 +377,7 @@ def export_run(
     say = print if progress else (lambda *a, **k: None)
     anonymizer, cache, geometry = site_anonymizer(), cache_dir(), clip_spec(config)
 
-    transfer_dir = Path(transfer) if transfer else synthetic_transfer_dir(fedvid_home())
+    transfer_dir = Path(transfer) if transfer else public_data_dir(progress)
     say(f"transfer set: {transfer_dir}")
     transfer_set = load_transfer_set(transfer_dir, classes, geometry, anonymizer, cache, progress=progress)
     _, _, test_items = federation_split(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import inspect
+from typing import Callable
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from models.video_classifier import Cnn3dClassifier, CnnTransformerClassifier, E
 from models.video_detector import VideoDetector
 from models.video_enhancer import VideoEnhancer
 from models.video_generator import FramePredictor
+from models.video_resnet import r2plus1d_18, r3d_18
 
 SIZES: dict[str, dict[str, dict]] = {
     "cnn-transformer": {
@@ -33,10 +35,15 @@ SIZES: dict[str, dict[str, dict]] = {
         "small": dict(widths=(16, 32, 64)),
         "base": dict(widths=(32, 64, 128)),
     },
+    # `base` is the published network (torchvision's Kinetics-400 checkpoints load into it);
+    # the narrower sizes keep its layout and key names for machines without a GPU.
+    "r3d-18": {"tiny": dict(width=0.125), "small": dict(width=0.25), "base": dict(width=1.0)},
+    "r2plus1d-18": {"tiny": dict(width=0.125), "small": dict(width=0.25), "base": dict(width=1.0)},
 }
 
-MODELS: dict[str, dict[str, type[nn.Module]]] = {
-    "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier, "cnn2d": EarlyFusionClassifier},
+MODELS: dict[str, dict[str, Callable[..., nn.Module]]] = {
+    "classify": {"cnn-transformer": CnnTransformerClassifier, "cnn3d": Cnn3dClassifier, "cnn2d": EarlyFusionClassifier,
+                 "r3d-18": r3d_18, "r2plus1d-18": r2plus1d_18},
     # Each task's model is registered under the default name `cnn3d`, so the one key `task`
     # switches the task; `model-size` picks its widths. (The generator's U-Net reads the
     # context frames as channels: the name is the default's, not a promise of 3D kernels.)
@@ -81,3 +88,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def class_dependent_keys(spec: ModelSpec) -> set[str]:
+    """The state-dict keys whose tensors depend on the class list (a classifier's head, a
+    generator's class embedding): found by building the model for one more class."""
+    import dataclasses
+
+    import torch
+
+    with torch.random.fork_rng():
+        own = build_model(spec).state_dict()
+        other = build_model(dataclasses.replace(spec, num_classes=spec.num_classes + 1)).state_dict()
+    return {key for key, tensor in own.items() if other[key].shape != tensor.shape}

@@ -3,6 +3,7 @@ evaluation, the run directory, and resuming a run from its last complete round."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from logging import INFO
 from pathlib import Path
@@ -16,8 +17,10 @@ from client.dataset import ClipSet
 from client.run_config import RunConfig
 from client.site import clip_spec, federation_split, fedvid_home, load_task_clips, site_anonymizer
 from client.train import pick_device
-from models.registry import build_model
+from models.pretrained import freeze_except, load_initial_weights
+from models.registry import build_model, class_dependent_keys
 from models.tasks import Task, get_task
+from privacy.durable import atomic_write_json
 from server.central_privacy import CentralPrivacy
 from server.polling_grid import PollingGrid
 from server.run_dir import RunDirectory, resume_point
@@ -73,6 +76,10 @@ def main(grid: Grid, context: Context) -> None:
     spec = config.model_spec(len(classes))
     torch.manual_seed(config.seed)
     model = build_model(spec)
+    freeze_except(model, config.trainable_layers)  # a layer name that does not exist is refused here
+    init = None
+    if config.init_from and not resume:
+        init = load_initial_weights(model, Path(config.init_from), classes, class_dependent_keys(spec))
     run_path = Path(config.run_dir).expanduser() if config.run_dir else default_run_dir(context.run_id)
     point = resume_point(run_path, spec, classes) if resume else None
     if point is not None:
@@ -81,6 +88,9 @@ def main(grid: Grid, context: Context) -> None:
     done = point.round if point else 0
     run = RunDirectory(run_path, config.to_mapping(), spec, classes, resumed=resume)
     log(INFO, "fedvid: run directory %s", run.path)
+    if init is not None:
+        atomic_write_json(run.path / "init-from.json", dataclasses.asdict(init))
+        log(INFO, "fedvid: init-from: %s", init.summary())
     if done >= config.num_server_rounds:
         run.finish(model.state_dict())
         log(INFO, "fedvid: all %s rounds were complete already", config.num_server_rounds)

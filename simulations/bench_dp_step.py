@@ -48,6 +48,18 @@ class StandInClassifier(nn.Module):
         return self.head(self.features(clips).flatten(1))
 
 
+def frozen(factory: Callable[[], nn.Module], trainable: str) -> Callable[[], nn.Module]:
+    """`factory` with only the `trainable` layers (run-config `trainable-layers`) left to train."""
+    from models.pretrained import freeze_except
+
+    def build() -> nn.Module:
+        model = factory()
+        freeze_except(model, trainable)
+        return model
+
+    return build if trainable else factory
+
+
 def model_factory(
     name: str, size: str, num_classes: int, clip_frames: int, frame_size: int
 ) -> Callable[[], nn.Module]:
@@ -146,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--modes", default=",".join(GRAD_SAMPLE_MODES))
     p.add_argument("--no-check", action="store_true", help="skip the brute-force clip check")
+    p.add_argument("--trainable-layers", default="", help="train only these layers in both steps, e.g. 'layer4,fc'")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -155,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("models.registry not importable: using the stand-in model")
         name, factory = "standin", model_factory("standin", a.size, a.num_classes, 0, 0)
+    factory = frozen(factory, a.trainable_layers)
     warnings.filterwarnings("ignore")
     rows = bench(factory, a.batch_size, a.num_classes, a.clip_frames, a.frame_size,
                  tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check)
     params = sum(p.numel() for p in factory().parameters() if p.requires_grad)
     print(f"model={name} size={a.size} params={params} batch={a.batch_size} "
           f"input=(B,3,{a.clip_frames},{a.frame_size},{a.frame_size}) "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'}")
     print(f"{'mode':<10} {'plain ms':>9} {'dp ms':>9} {'dp/plain':>9} {'clip err':>9}")
     for r in rows:
         if r["error"]:

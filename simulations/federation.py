@@ -25,9 +25,11 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 
 def app_defaults(app_dir: Path = APP_DIR) -> dict:
-    """The run config declared in the app's pyproject.toml."""
+    """The run config declared in the app's pyproject.toml, its tables flattened as Flower does."""
+    from flwr.common.config import flatten_dict
+
     with open(app_dir / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+        return flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
 def resolve_run_config(overrides: str, app_dir: Path = APP_DIR) -> RunConfig:

@@ -1,10 +1,14 @@
-"""The privacy-utility trade-off: the default task trained at several epsilons.
+"""The privacy-utility trade-off: every task at several epsilons, from scratch and pretrained.
 
-    python -m simulations.privacy_utility [--sites 4] [--epsilons 1,3,8] [--run-config '...']
+    python -m simulations.privacy_utility [--tasks classify,detect,generate,enhance]
+        [--epsilons 1,3,8,off] [--starts scratch,pretrained] [--seeds 0,1,2] [--sites 4]
+        [--run-config '...'] [--pretrain-epochs 12]
 
-Runs one simulated federation per target epsilon (and one without DP) and prints the test
-accuracy beside the largest epsilon any site actually spent (read from the run's ledger via
-the audit, not from the target).
+One simulated federation per (task, start, epsilon or "off", seed). "pretrained" starts from
+`fedvid pretrain` on the built-in public data (made once per task; no public detection set is
+built in, so detect runs from scratch only). Each row gives the task's headline test metric and
+its trivial baseline (mean and spread over seeds) beside the largest epsilon any site actually
+spent, read from the run's ledger by the audit, not from the target.
 """
 
 from __future__ import annotations
@@ -12,38 +16,80 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 from pathlib import Path
 
+from models.tasks import get_task
 from privacy.audit import audit_run
-from simulations.federation import simulate
+from simulations.federation import resolve_run_config, simulate
 
 
-def run_once(sites: int, overrides: str, root: Path, name: str) -> tuple[float, float]:
-    """(test accuracy, largest site epsilon) of one simulated run."""
-    run_dir = root / name
+def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[float, float | None, float]:
+    """(headline test metric, its baseline or None, largest site epsilon) of one simulated run."""
     if simulate(sites, overrides, run_dir) != 0:
-        raise SystemExit(f"the run {name} failed; see {run_dir}")
+        raise SystemExit(f"the run in {run_dir} failed")
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    spec = get_task(task)
     sites_eps = [site["epsilon"] for site in audit_run(run_dir).to_dict()["sites"].values()]
     epsilon = max((float(e) for e in sites_eps), default=math.inf)
-    return last["test-accuracy"], epsilon
+    baseline = last.get(f"test-{spec.baseline}") if spec.baseline else None
+    return last[f"test-{spec.headline}"], baseline, epsilon
+
+
+def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path | None:
+    """A model pretrained on the public data for `task` (None for detect: no public set)."""
+    from models.pretrained import pretrain
+
+    if task == "detect":
+        return None
+    path = root / f"pretrained-{task}.pt"
+    if not path.is_file():
+        pretrain(resolve_run_config(f"{overrides} task={json.dumps(task)}"), path, epochs=epochs)
+    return path
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="classify")
+    parser.add_argument("--epsilons", default="1,3,8,off", help="target epsilons; off: dp=false")
+    parser.add_argument("--starts", default="scratch,pretrained")
+    parser.add_argument("--seeds", default="0")
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--run-config", default="")
+    parser.add_argument("--run-config", default="", help="overrides for every run, e.g. 'num-server-rounds=8'")
+    parser.add_argument("--pretrain-epochs", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a new temporary folder)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fedvid-privacy-utility-"))
-    rows = []
-    for target in [float(e) for e in args.epsilons.split(",")]:
-        rows.append((f"{target:g}", *run_once(args.sites, f"{args.run_config} target-epsilon={target}", root, f"eps-{target:g}")))
-    rows.append(("off", *run_once(args.sites, f"{args.run_config} dp=false", root, "dp-off")))
-    print(f"\n{'target eps':>10} {'spent eps (max site)':>21} {'test accuracy':>14}")
-    for target, accuracy, spent in rows:
-        print(f"{target:>10} {spent:>21.2f} {accuracy:>14.3f}")
+    root = args.out or Path(tempfile.mkdtemp(prefix="fedvid-privacy-utility-"))
+    root.mkdir(parents=True, exist_ok=True)
+    privacy = ["dp=false" if e == "off" else f"target-epsilon={float(e)}" for e in args.epsilons.split(",")]
+    inits = {task: pretrained_file(task, args.run_config, root, args.pretrain_epochs) if "pretrained" in args.starts else None
+             for task in args.tasks.split(",")}
+    cells = [(task, start, setting) for task in args.tasks.split(",") for start in args.starts.split(",")
+             for setting in privacy if start == "scratch" or inits[task] is not None]
+    results: dict[tuple, list] = {cell: [] for cell in cells}
+    for seed in args.seeds.split(","):  # seeds outermost: an interrupted table is balanced
+        for task, start, setting in cells:
+            name = f"{task}-{start}-{setting.replace('=', '-')}-seed{seed}"
+            overrides = f"{args.run_config} task={json.dumps(task)} {setting} seed={seed}"
+            if start == "pretrained":
+                overrides += f" init-from={json.dumps(str(inits[task]))}"
+            results[(task, start, setting)].append(run_once(args.sites, overrides, root / name, task))
+            print(f"{name}: {results[(task, start, setting)][-1]}", flush=True)
+    rows = [(*cell, runs) for cell, runs in results.items()]
+    print(f"\n| task | start | privacy | spent epsilon (max site) | headline (test) | baseline |")
+    print("|---|---|---|---:|---|---|")
+    for task, start, setting, runs in rows:
+        headline = get_task(task).headline
+        baselines = [b for _, b, _ in runs if b is not None]
+        print(f"| {task} | {start} | {setting} | {max(e for _, _, e in runs):.2f} | {headline} "
+              f"{spread([m for m, _, _ in runs])} | {spread(baselines) if baselines else '-'} |")
     print(f"runs in {root}")
 
 

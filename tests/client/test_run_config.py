@@ -12,7 +12,18 @@ from simulations.federation import app_defaults, resolve_run_config
 
 def test_pyproject_defaults_match_the_dataclass():
     assert RunConfig.from_mapping(app_defaults()) == RunConfig()
-    assert set(app_defaults()) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    assert app_defaults() == RunConfig().to_mapping() | {"learning-rate": 0.0}  # 0: the task's own
+
+
+def test_each_task_takes_its_own_default_unless_the_run_names_one():
+    assert resolve_run_config('task="generate"').learning_rate == 0.0003
+    assert resolve_run_config('task="classify"').learning_rate == 0.003
+    assert resolve_run_config('task="generate" learning-rate=0.01').learning_rate == 0.01
+    assert resolve_run_config('task="enhance" task-defaults.enhance.learning-rate=0.002').learning_rate == 0.002
+    with pytest.raises(ValueError, match="task-defaults.enhance.momentum"):
+        resolve_run_config("task-defaults.enhance.momentum=0.9")
+    with pytest.raises(ValueError, match="task-defaults.generate.learning-rate"):
+        resolve_run_config("task-defaults.generate.learning-rate=0")
 
 
 def test_overrides_are_parsed_like_flower_does():

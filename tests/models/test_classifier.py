@@ -22,10 +22,11 @@ def test_logits_shape(name, size):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_few_steps_reduce_the_loss_on_a_learnable_batch(name):
     torch.manual_seed(0)
-    model = build_model(ModelSpec("classify", name, "tiny", 2, 4, 16))
-    x = torch.rand(8, 3, 4, 16, 16)
+    # 32 px: an 18-layer video ResNet has pooled 16 px down to one position before its last block
+    model = build_model(ModelSpec("classify", name, "tiny", 2, 4, 32))
+    x = torch.rand(8, 3, 4, 32, 32)
     y = torch.tensor([0, 1] * 4)
-    x[y == 1, :, :, :8] += 0.5  # class 1: brighter top half
+    x[y == 1, :, :, :16] += 0.5  # class 1: brighter top half
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = F.cross_entropy(model(x), y).item()
     for _ in range(30):
@@ -47,4 +48,5 @@ def test_per_sample_clipping_matches_brute_force(name, mode):
     torch.manual_seed(0)
     x, y = torch.rand(4, 3, 4, 16, 16), torch.tensor([0, 1, 2, 0])
     error = check_per_sample_clipping(lambda: build_model(ModelSpec("classify", name, "tiny", 3, 4, 16)), x, y, mode)
-    assert error < 1e-4
+    # float32 through 18 layers: ~1e-4 (1e-5 for the small CNNs); clipping per batch is O(0.1-1)
+    assert error < 1e-3

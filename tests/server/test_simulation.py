@@ -2,41 +2,51 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from client.synth import write_synthetic_dataset
+from client.synth_public import write_public_dataset
 from privacy.audit import audit_run
 from privacy.face_models import provision_face_models
 
 pytestmark = pytest.mark.slow
 
 
-def simulate(home, run_dir, overrides: str) -> None:
-    """`fedvid simulate` of 2 sites in a fresh FEDVID_HOME; fails the test if the run fails."""
+def fedvid(home, *args: str) -> None:
+    """A `fedvid` command in a fresh FEDVID_HOME; fails the test if it fails."""
     models = provision_face_models()
     env = dict(os.environ, FEDVID_HOME=str(home), FEDVID_FACE_MODELS=str(models["short_range"].parent))
-    result = subprocess.run(
-        [sys.executable, "-m", "client.cli", "simulate", "--sites", "2", "--run-config", overrides, "--out", str(run_dir)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = subprocess.run([sys.executable, "-m", "client.cli", *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def simulate(home, run_dir, overrides: str) -> None:
+    """`fedvid simulate` of 2 sites."""
+    fedvid(home, "simulate", "--sites", "2", "--run-config", overrides, "--out", str(run_dir))
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """2 rounds, run as 1 round and then resumed for the second, as after a coordinator crash;
-    the first run plants 20 audit canaries per site."""
+    the first run starts from `fedvid pretrain` weights, trains only the head, and plants 20
+    audit canaries per site."""
     home = tmp_path_factory.mktemp("home")
     data = write_synthetic_dataset(home / "data", seed=1, videos_per_class=4)
     run_dir = home / "run"
     overrides = (f'local-epochs=1 model-size="tiny" frame-size=24 target-epsilon=3.0 '
                  f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
-    simulate(home, run_dir, f"{overrides} num-server-rounds=1 audit-canaries=20")
+    public = write_public_dataset(home / "public", videos_per_class=3)
+    fedvid(home, "pretrain", "--out", str(home / "pretrained.pt"), "--data", str(public), "--epochs", "1",
+           "--run-config", overrides)
+    simulate(home, run_dir, f'{overrides} num-server-rounds=1 audit-canaries=20 '
+                            f'init-from="{home / "pretrained.pt"}" trainable-layers="head"')
     simulate(home, run_dir, f"{overrides} num-server-rounds=2 resume=true")
     return run_dir
 
@@ -52,6 +62,20 @@ def test_run_directory_is_complete(finished_run):
     assert rounds[-1]["sites-trained"] == 2
     assert {s["site"] for s in rounds[-1]["sites"]} == {"site-0", "site-1"}
     assert json.loads((finished_run / "config.json").read_text())["run-config"]["num-server-rounds"] == 2
+
+
+def test_a_run_starts_from_public_weights_and_trains_only_its_layers(finished_run):
+    pretrained_file = finished_run.parent / "pretrained.pt"
+    init = json.loads((finished_run / "init-from.json").read_text())
+    assert init["sha256"] == hashlib.sha256(pretrained_file.read_bytes()).hexdigest()
+    assert init["reinitialised"] == ["head.bias", "head.weight"]  # trained on the public classes
+    pretrained = torch.load(pretrained_file, weights_only=False)["state_dict"]
+    after = torch.load(finished_run / "checkpoints" / "round-001.pt", weights_only=False)["state_dict"]
+    for key, tensor in pretrained.items():
+        if key.startswith("head."):
+            assert not torch.equal(after[key], tensor), key
+        else:  # frozen through DP-SGD, update clipping and aggregation
+            assert torch.allclose(after[key], tensor, atol=1e-7), key
 
 
 def test_resumed_sites_keep_their_budget(finished_run):

@@ -24,6 +24,9 @@ and the stream looks ahead `hold_frames` frames. A detection is tracked to the n
 matching detection before and after it (a linear motion model between the two), so a moving
 face found only on keyframes is covered where it is, not by a smear of held boxes; a box
 with no match on one side (a face entering, leaving, or missed) is held still there.
+A pass (the whole frame or one tile) over pixels that have not changed since it last ran
+keeps that run's boxes (`PassMemory`): on a still camera most tiles are background. MediaPipe
+runs every call of a process on one thread, so a helper process scans part of the tiles.
 Any detector error propagates: no frame is ever returned unblurred because detection failed.
 """
 
@@ -34,6 +37,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import struct
 import tempfile
 import weakref
 from collections import deque
@@ -49,7 +54,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
 # found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
@@ -90,14 +95,34 @@ class AnonymizerSettings:
         (the region's mean colour).
     hold_frames: a detection also covers this many frames before and after its own.
     tile_sizes / tile_every: pyramid tile edges in pixels and, for each, on every how many
-        frames of a video it runs (images always run every level). On the benchmark's
-        1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`, curve),
-        (1, 2, 4) with hold 4 covers 95% of face-frames (14 px: 81%) at 0.66x the frames/s
-        of (2, 4, 8) with hold 8, which covers 90% (14 px: 61%): recall wins. Levels whose
-        tile is not smaller than the frame are skipped: small training frames get one
-        whole-frame pass, which BlazeFace upsamples to its input size by itself.
+        frames of a video it runs. The 128 px level finds faces of 14-40 px in 1280x720
+        frames; the 256 and 512 px levels find 48 px and larger, which the whole-frame
+        passes (every frame) and the tracker also carry, so they can run less often. On the
+        benchmark's 1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`,
+        curve), (2, 4, 4) with hold 4 covers as many face-frames as (1, 2, 4) (97.0%, 14 px:
+        88%, over 120 frames) with fewer passes; running the 128 px level every 2nd frame
+        (2, 4, 2) covered 97.3% at ~0.8x the frames/s. Levels whose tile is not smaller
+        than the frame are skipped: small training frames get one whole-frame pass, which
+        BlazeFace upsamples to its input size by itself.
+    image_tile_sizes: further, finer levels run on single images only (with every level of
+        tile_sizes): 80 px tiles find 97% of 14 px faces in 1280x720 stills (the 128 px
+        level alone 34%) at 2.6x the time per image; in a video the frequent 128 px scans
+        and the hold cover small faces instead (93%), at a cost a video can pay.
     tile_overlap: overlap of neighbouring tiles as a fraction of the tile edge.
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
+    reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass (the whole
+        frame or one tile) whose pixels have not changed since it last ran keeps what that
+        run found instead of running again: no 16 px block of it (gray, mean absolute
+        difference) moved by more than change_threshold grey levels, and it ran at most
+        reuse_max_frames frames ago. A face that appears, moves or turns changes its blocks
+        by tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
+        differ by at most 4 levels between frames 16 apart. On a still camera most tiles
+        are background, so most of the pyramid is skipped; on a moving camera nothing is.
+    processes: how many processes run the short-range model on tiles (this one and
+        processes - 1 helpers, started on the first frame that has more than a few tiles to
+        scan, never for small training frames). MediaPipe serialises every call of a
+        process on one thread, so a second process is what uses a second core. It changes
+        speed, not output; 1 runs everything here.
     model_dir / short_range_model / full_range_model: where the models come from; see
         `privacy.face_models.verified_face_models` (own files skip the pinned hash check).
     heads: also hide the heads of moving people in videos (None: faces only); see
@@ -115,9 +140,15 @@ class AnonymizerSettings:
     pixel_blocks: int = 6
     hold_frames: int = 4
     tile_sizes: tuple[int, ...] = (512, 256, 128)
-    tile_every: tuple[int, ...] = (1, 2, 4)
+    tile_every: tuple[int, ...] = (2, 4, 4)
+    image_tile_sizes: tuple[int, ...] = (80,)
+    image_tile_confidence: float = 0.45
     tile_overlap: float = 0.25
     nms_iou: float = 0.3
+    reuse_unchanged: bool = True
+    change_threshold: float = 6.0
+    reuse_max_frames: int = 30
+    processes: int = 2
     model_dir: Path | None = None
     short_range_model: Path | None = None
     full_range_model: Path | None = None
@@ -135,16 +166,18 @@ class AnonymizerSettings:
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
-        for name in ("min_confidence", "small_face_confidence"):
+        for name in ("min_confidence", "small_face_confidence", "image_tile_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_face_area < 1.0:
             raise ValueError(f"small_face_area must be in [0, 1), got {self.small_face_area}")
+        if self.processes < 1:
+            raise ValueError(f"processes must be at least 1, got {self.processes}")
         if self.box_scale < 1.0:
             raise ValueError(f"box_scale must be >= 1, got {self.box_scale}")
         if len(self.tile_sizes) != len(self.tile_every) or min(self.tile_every, default=1) < 1:
             raise ValueError("tile_every needs one positive entry per tile size")
-        if min(self.tile_sizes, default=64) < 64:
+        if min(self.tile_sizes + self.image_tile_sizes, default=64) < 64:
             raise ValueError("tile sizes below 64 px cost much and find nothing more")
         if not 0.0 <= self.tile_overlap < 0.5:
             raise ValueError(f"tile_overlap must be in [0, 0.5), got {self.tile_overlap}")
@@ -177,7 +210,8 @@ class FaceDetectorLike(Protocol):
 
     model_sha256: dict[str, str]
 
-    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int]) -> list[Box]: ...
+    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int],
+               memory: "PassMemory | None" = None) -> list[Box]: ...
 
 
 # ---------------------------------------------------------------------------- detection
@@ -277,6 +311,8 @@ class TiledFaceDetector:
                                      settings.full_range_model, keys=("short_range", "full_range"))
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
         threshold = min(settings.min_confidence, settings.small_face_confidence)
+        self._short_range_path, self._threshold = paths["short_range"], threshold
+        self._helpers: _TileHelpers | None = None
         self.short_range = _load_blazeface(paths["short_range"], threshold)
         try:
             self.full_range = _load_blazeface(paths["full_range"], threshold)
@@ -288,23 +324,77 @@ class TiledFaceDetector:
                             for model in (self.short_range, self.full_range)]
 
     def close(self) -> None:
-        """Release the MediaPipe tasks."""
+        """Release the MediaPipe tasks and stop the helper processes."""
+        if self._helpers is not None:
+            self._helpers.close()
+            self._helpers = None
         for finalizer in self._finalizers:
             finalizer()
 
-    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int]) -> list[Box]:
+    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int],
+               memory: "PassMemory | None" = None) -> list[Box]:
         """Faces in an RGB uint8 frame: whole frame with both models, then tiles of each
-        size in `tile_sizes` (that is smaller than the frame) with the short-range model."""
+        size in `tile_sizes` (that is smaller than the frame) with the short-range model.
+        `memory` (one per video): passes over unchanged pixels reuse their last result."""
         height, width = rgb.shape[:2]
-        boxes = self._run(self.short_range, rgb, 0, 0) + self._run(self.full_range, rgb, 0, 0)
+        if memory is not None:
+            memory.next_frame(rgb)
+        passes = [("whole-short", 0, 0, width, height), ("whole-full", 0, 0, width, height)]
         for tile in tile_sizes:
             if tile >= max(width, height):
                 continue
             for y in tile_origins(height, tile, self.settings.tile_overlap):
                 for x in tile_origins(width, tile, self.settings.tile_overlap):
-                    boxes += self._run(self.short_range, rgb[y:y + tile, x:x + tile], x, y)
+                    passes.append(("tile", x, y, tile, tile))
+        results: list[list[Box] | None] = [
+            memory.recall(key) if memory is not None else None for key in passes]
+        todo = [i for i, found in enumerate(results) if found is None]
+        # Tiles for the helper processes: all but every n-th short-range tile still to scan.
+        tiles = [i for i in todo if passes[i][0] == "tile"]
+        helpers = self._helpers_for(len(tiles))
+        # This process also runs the whole-frame passes (~5 tiles' worth at 720p).
+        n = self.settings.processes
+        share = min(len(tiles), (len(tiles) + 5 * (len(todo) - len(tiles))) * (n - 1) // n)
+        sent = tiles[len(tiles) - share:] if helpers is not None else []
+        try:
+            pending = helpers.detect(rgb, [passes[i] for i in sent]) if sent else []
+            remote = set(sent)
+            for i in todo:
+                if i in remote:
+                    continue
+                model, x, y, w, h = passes[i]
+                results[i] = self._run(self.full_range if model == "whole-full"
+                                       else self.short_range, rgb[y:y + h, x:x + w], x, y)
+            for helper, chunk in pending:
+                for i, found in zip(chunk, helpers.collect(helper)):  # raises its error
+                    results[sent[i]] = found
+        except BaseException:
+            # Replies still in a pipe would be read as the next frame's: start afresh.
+            if self._helpers is not None:
+                self._helpers.close()
+                self._helpers = None
+            raise
+        boxes: list[Box] = []
+        scanned = set(todo)
+        for i, (key, found) in enumerate(zip(passes, results)):
+            if i in scanned:
+                if key[0] == "tile" and key[3] in self.settings.image_tile_sizes:
+                    found = [box for box in found
+                             if box.score >= self.settings.image_tile_confidence]
+                if memory is not None:
+                    memory.store(key, found)
+            boxes += found
         boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
+
+    def _helpers_for(self, tiles: int) -> "_TileHelpers | None":
+        """The helper processes, started when a frame has enough tiles to share."""
+        if self.settings.processes < 2 or tiles < 4:
+            return None
+        if self._helpers is None:
+            self._helpers = _TileHelpers(self._short_range_path, self._threshold,
+                                         self.settings.processes - 1)
+        return self._helpers
 
     @staticmethod
     def _run(model, rgb: np.ndarray, x0: int, y0: int) -> list[Box]:
@@ -321,6 +411,170 @@ class TiledFaceDetector:
             if w > 0 and h > 0:
                 found.append(Box(x + x0, y + y0, w, h, float(detection.categories[0].score)))
         return found
+
+
+
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream):
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("the other end closed the pipe")
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other end closed the pipe")
+    return pickle.loads(data)
+
+
+def helper_main() -> None:
+    """Body of a tile helper process (see `_TileHelpers`): reads the model path and
+    threshold, then lists of (tile, x, y) on stdin; writes ("ok", boxes per tile) or
+    ("error", text) for each to its original stdout. Native libraries' output goes to
+    stderr, so that it cannot corrupt the replies."""
+    import sys
+
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    path, threshold = _receive(requests)
+    try:
+        model = _load_blazeface(Path(path), threshold)
+    except FaceModelError as exc:
+        _send(replies, ("error", str(exc)))
+        return
+    _send(replies, ("ok", None))
+    while True:
+        try:
+            tiles = _receive(requests)
+        except EOFError:
+            return
+        try:
+            _send(replies, ("ok", [TiledFaceDetector._run(model, t, x, y) for t, x, y in tiles]))
+        except Exception as exc:  # reported to the parent, which raises it
+            _send(replies, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+class _TileHelpers:
+    """Processes, each with its own short-range model, that scan tiles for the detector.
+    Plain subprocesses on pipes (not multiprocessing: its "spawn" re-runs the caller's main
+    script, and MediaPipe's threads do not survive a fork). A helper's error, or a helper
+    that dies, raises in `collect`: detection fails closed."""
+
+    def __init__(self, path: Path, threshold: float, count: int):
+        import subprocess
+        import sys
+
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        command = [sys.executable, "-c", "from privacy.anonymize import helper_main; helper_main()"]
+        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, env=env)
+                      for _ in range(count)]
+        self._started = [False] * count
+        self._finalizer = weakref.finalize(self, _stop_helpers, self.procs)
+        for proc in self.procs:
+            _send(proc.stdin, (str(path), threshold))
+
+    def detect(self, rgb: np.ndarray, passes: list[tuple]) -> list[tuple[int, list[int]]]:
+        """Send the tile passes, split over the helpers: [(helper, indices into passes)]."""
+        sent = []
+        for k, proc in enumerate(self.procs):
+            chunk = list(range(k, len(passes), len(self.procs)))
+            if chunk:
+                tiles = [(np.ascontiguousarray(rgb[y:y + h, x:x + w]), x, y)
+                         for _, x, y, w, h in (passes[i] for i in chunk)]
+                _send(proc.stdin, tiles)
+                sent.append((k, chunk))
+        return sent
+
+    def collect(self, helper: int) -> list[list[Box]]:
+        """The boxes of each tile sent to one helper, in order."""
+        proc = self.procs[helper]
+        try:
+            if not self._started[helper]:
+                self._check(_receive(proc.stdout))
+                self._started[helper] = True
+            return self._check(_receive(proc.stdout))
+        except EOFError as exc:
+            raise RuntimeError(f"face detector helper process exited ({proc.poll()})") from exc
+
+    @staticmethod
+    def _check(reply):
+        status, value = reply
+        if status != "ok":
+            raise FaceModelError(value) if "face model" in value else RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        """Stop the helper processes."""
+        self._finalizer()
+
+
+def _stop_helpers(procs) -> None:
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            proc.kill()
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+
+
+class PassMemory:
+    """What each detector pass (the whole frame, or one tile) of one video saw and found the
+    last time it ran, so that a pass over pixels that have not changed since is skipped.
+
+    Pixels are compared in gray at a quarter of the frame's size (frames under 256 px at
+    full size), by 4x4 blocks of that (16 px blocks of a large frame): a pass is unchanged
+    when no block's mean absolute difference exceeds `threshold` grey levels against the
+    frame it last ran on, and it ran at most `max_frames` frames ago."""
+
+    def __init__(self, threshold: float, max_frames: int):
+        self.threshold, self.max_frames = threshold, max_frames
+        self._passes: dict[tuple, tuple[int, np.ndarray, list[Box]]] = {}
+        self._index = -1
+        self._gray: np.ndarray | None = None
+        self._scale = 1
+
+    def next_frame(self, rgb: np.ndarray) -> None:
+        """Start a new frame (RGB uint8)."""
+        self._index += 1
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        self._scale = 4 if min(gray.shape) >= 256 else 1
+        if self._scale > 1:
+            gray = cv2.resize(gray, (gray.shape[1] // 4, gray.shape[0] // 4),
+                              interpolation=cv2.INTER_AREA)
+        self._gray = gray
+
+    def _crop(self, key: tuple) -> np.ndarray:
+        _, x, y, w, h = key
+        k = self._scale
+        return self._gray[y // k:(y + h) // k, x // k:(x + w) // k]
+
+    def recall(self, key: tuple) -> list[Box] | None:
+        """The boxes this pass found when it last ran, if its pixels have not changed."""
+        seen = self._passes.get(key)
+        if seen is None or self._index - seen[0] > self.max_frames:
+            return None
+        crop = self._crop(key)
+        if crop.shape != seen[1].shape:
+            return None
+        diff = cv2.absdiff(crop, seen[1])
+        if diff.shape[0] >= 4 and diff.shape[1] >= 4:
+            diff = cv2.resize(diff, (diff.shape[1] // 4, diff.shape[0] // 4),
+                              interpolation=cv2.INTER_AREA)
+        return seen[2] if float(diff.max(initial=0)) <= self.threshold else None
+
+    def store(self, key: tuple, boxes: list[Box]) -> None:
+        """Record what a pass found on the current frame."""
+        self._passes[key] = (self._index, self._crop(key).copy(), boxes)
 
 
 # ---------------------------------------------------------------------------- hiding
@@ -362,7 +616,8 @@ def hide_region(frame: np.ndarray, region: tuple[int, int, int, int], mode: str,
         raise ValueError(f"unknown blur mode {mode!r}")
     if ellipse:
         inside = ellipse_mask(patch.shape[1], patch.shape[0])
-        patch[inside] = hidden.reshape(patch.shape)[inside]
+        np.copyto(patch, hidden.reshape(patch.shape),
+                  where=inside.reshape(inside.shape + (1,) * (patch.ndim - 2)))
     else:
         patch[...] = hidden.reshape(patch.shape)
 
@@ -428,7 +683,7 @@ class FaceAnonymizer:
         """Hex digest of the settings, the models' SHA-256 and the algorithm version: equal
         keys mean equal output, so caches of anonymized clips can be keyed on it."""
         values = dataclasses.asdict(self.settings)
-        for name in ("model_dir", "short_range_model", "full_range_model"):
+        for name in ("model_dir", "short_range_model", "full_range_model", "processes"):
             values.pop(name)  # where the models lie does not matter, their bytes do
         values["models"] = dict(sorted(self.detector.model_sha256.items()))
         values["algorithm_version"] = ALGORITHM_VERSION
@@ -437,8 +692,9 @@ class FaceAnonymizer:
 
     def detect(self, image: np.ndarray) -> list[Box]:
         """Face boxes (pixel coordinates, with score) in one BGR or gray uint8 image, using
-        every pyramid level."""
-        return self.detector.detect(_to_rgb(image), self.settings.tile_sizes)
+        every pyramid level, the image-only ones too."""
+        sizes = tuple(self.settings.tile_sizes) + tuple(self.settings.image_tile_sizes)
+        return self.detector.detect(_to_rgb(image), sizes)
 
     def anonymize_image(self, image: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         """A copy of a BGR uint8 image with every detected face hidden, and the boxes found.
@@ -490,13 +746,19 @@ class VideoStream:
     _pending: deque = field(default_factory=deque)
     _recent: deque = field(default_factory=deque)  # (index, boxes) of emitted frames
     _count: int = 0
+    _memory: PassMemory | None = None
+
+    def __post_init__(self) -> None:
+        settings = self.anonymizer.settings
+        if settings.reuse_unchanged:
+            self._memory = PassMemory(settings.change_threshold, settings.reuse_max_frames)
 
     def push(self, frame: np.ndarray) -> list["AnonymizedFrame"]:
         """Detect faces in the next frame; return the frames that are now final."""
         index = self._count
         self._count += 1
         boxes = self.anonymizer.detector.detect(
-            _to_rgb(frame), self.anonymizer._tile_sizes_for(index))
+            _to_rgb(frame), self.anonymizer._tile_sizes_for(index), memory=self._memory)
         heads = self.heads.head_mask(frame) if self.heads is not None else None
         self._pending.append(_Pending(index, frame, boxes, heads))
         hold = self.anonymizer.settings.hold_frames

@@ -14,7 +14,9 @@ into frames, their boxes known), never on what a detector finds:
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
 - speed: frames/s of the whole file path (decode, detect, hide, encode) on a drifting-face
-  video at 64 px (the built-in data), 1280x720 and 1920x1080, and of deface on the same files.
+  video at 64 px (the built-in data), 1280x720 (11 faces) and 1920x1080, and on a 1280x720
+  video with only 3 faces (mostly still background) and one whose camera pans 4 px per frame
+  (nothing is still), and of deface on the same files.
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried.
@@ -31,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,7 @@ from privacy.face_models import provision_face_models
 LARGE_FACES = [(20, 0), (20, 3), (24, 1), (24, 4), (32, 2), (32, 5), (48, 0), (48, 6),
                (96, 1), (96, 7), (200, 0)]
 SMALL_FACES = [(14, 1), (24, 0)]
+SPARSE_FACES = [(20, 1), (32, 3), (64, 0)]
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,10 @@ def background(width: int, height: int) -> np.ndarray:
 
 
 def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, int]],
-                    frames: int, fps: float = 30.0) -> list[list[tuple[int, int, int, int]]]:
-    """Write an mp4 of drifting, rotating real faces; return the face boxes of each frame."""
+                    frames: int, fps: float = 30.0,
+                    pan: int = 0) -> list[list[tuple[int, int, int, int]]]:
+    """Write an mp4 of drifting, rotating real faces; return the face boxes of each frame.
+    `pan`: the background moves this many px per frame, as under a panning camera."""
     sources = face_sources()
     rng = np.random.default_rng(0)
     cols = int(np.ceil(np.sqrt(len(faces) * width / height)))
@@ -123,7 +129,7 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     truth = []
     for t in range(frames):
-        canvas = base.copy()
+        canvas = np.roll(base, pan * t, axis=1) if pan else base.copy()
         boxes = []
         for (size, source), (cx, cy), phase in zip(faces, cells, phases):
             drift = 0.25 * min(width / cols, height / rows) - size * 0.6
@@ -307,11 +313,13 @@ class Redetector:
     scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range."""
 
     def __init__(self, models: dict[str, Path]):
-        from privacy.anonymize import _load_blazeface
+        from privacy.anonymize import _close_quietly, _load_blazeface
         from privacy.anonymize_centerface import CenterFaceDetector
 
         self.centerface = CenterFaceDetector(models["centerface"])
         self.full_range = _load_blazeface(models["full_range"], 0.1)
+        # Closed while MediaPipe still works (its __del__ fails at interpreter exit).
+        self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
 
     def scores(self, image: np.ndarray, box) -> tuple[float, float]:
         """(CenterFace, BlazeFace full-range) best score of a detection centred on the face."""
@@ -447,10 +455,17 @@ def bench_speed(settings, deface, work, frames: int) -> None:
     synthetic_video(large, 1280, 720, LARGE_FACES, frames)
     full = work / "faces-1920x1080.mp4"
     resized_copy(large, full, 1920, 1080)
-    for label, path in (("64x64", small), ("1280x720", large), ("1920x1080", full)):
+    # A still camera with few faces: most tiles see only background, which is not rescanned.
+    sparse = work / "faces-1280x720-sparse.mp4"
+    synthetic_video(sparse, 1280, 720, SPARSE_FACES, frames)
+    # A panning camera: every pixel changes, no pass is reused.
+    panning = work / "faces-1280x720-pan.mp4"
+    synthetic_video(panning, 1280, 720, LARGE_FACES, frames, pan=4)
+    for label, path in (("64x64", small), ("1280x720", large), ("720p, 3 faces", sparse),
+                        ("720p, panning", panning), ("1920x1080", full)):
         floor = floor_fps(path, work / f"{label}-floor.mp4")
         ours = fedvid_fps(path, work / f"{label}-fedvid.mp4", settings)
-        line = f"  {label:9s} floor {floor:7.1f}  fedvid {ours:6.1f}"
+        line = f"  {label:13s} floor {floor:7.1f}  fedvid {ours:6.1f}"
         if deface:
             theirs = deface_fps(deface, path, work / f"{label}-deface.mp4", frames)
             line += f"  deface {theirs:5.1f}  (fedvid {ours / theirs:.1f}x)"
@@ -462,8 +477,9 @@ def bench_curve(settings, work, frames: int) -> None:
     src = work / "curve-1280x720.mp4"
     truth = synthetic_video(src, 1280, 720, CURVE_FACES, frames)
     originals = read_frames(src)
-    for every, hold in CURVE_SCHEDULES:
-        tried = dataclasses.replace(settings, tile_every=every, hold_frames=hold)
+    for every, hold, reuse in CURVE_SCHEDULES:
+        tried = dataclasses.replace(settings, tile_every=every, hold_frames=hold,
+                                    reuse_unchanged=reuse)
         with FaceAnonymizer(tried) as anonymizer:
             start = time.perf_counter()
             outs, _ = anonymizer.anonymize_frames(originals)
@@ -474,7 +490,8 @@ def bench_curve(settings, work, frames: int) -> None:
                 by_size.setdefault(box[2], []).append(hidden(original, output, box))
         recall = np.mean([v for values in by_size.values() for v in values])
         sizes = " ".join(f"{size}px:{np.mean(v) * 100:.0f}%" for size, v in sorted(by_size.items()))
-        print(f"  tile_every={every} hold={hold:2d}: {fps:5.1f} frames/s (detect+hide), "
+        print(f"  tile_every={every} hold={hold:2d} reuse={'on ' if reuse else 'off'}: "
+              f"{fps:5.1f} frames/s (detect+hide), "
               f"covered {recall * 100:.1f}% [{sizes}]")
 
 
@@ -520,7 +537,10 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
 
 
 CURVE_FACES = [(14, 0), (14, 1), (20, 0), (20, 3), (24, 1), (32, 2), (48, 0), (96, 1), (200, 0)]
-CURVE_SCHEDULES = [((1, 1, 1), 0), ((1, 2, 4), 4), ((2, 4, 8), 8), ((4, 8, 16), 16)]
+# (tile_every, hold_frames, reuse_unchanged) per schedule tried.
+CURVE_SCHEDULES = [((1, 1, 1), 0, False), ((1, 2, 4), 4, False), ((1, 2, 4), 4, True),
+                   ((2, 4, 2), 3, False), ((2, 4, 2), 3, True), ((4, 4, 2), 3, True),
+                   ((2, 4, 4), 4, True), ((2, 4, 8), 8, True)]
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ class DropOnFrame:
         self.inner, self.frame, self.calls = inner, frame, 0
         self.model_sha256 = inner.model_sha256
 
-    def detect(self, rgb, tile_sizes):
+    def detect(self, rgb, tile_sizes, memory=None):
         self.calls += 1
         return [] if self.calls - 1 == self.frame else self.inner.detect(rgb, tile_sizes)
 
@@ -173,7 +173,7 @@ class BrokenDetector:
     def __init__(self, fail_on: int):
         self.fail_on, self.calls = fail_on, 0
 
-    def detect(self, rgb, tile_sizes):
+    def detect(self, rgb, tile_sizes, memory=None):
         self.calls += 1
         if self.calls > self.fail_on:
             raise RuntimeError("detector crashed")

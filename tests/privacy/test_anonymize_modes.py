@@ -64,7 +64,7 @@ class KeyframesOnly:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, tile_sizes):
+    def detect(self, rgb, tile_sizes, memory=None):
         index, self.calls = self.calls, self.calls + 1
         return {0: [Box(100, 100, 40, 40)], 8: [Box(170, 100, 40, 40)]}.get(index, [])
 
@@ -72,7 +72,9 @@ class KeyframesOnly:
 def test_a_face_found_on_keyframes_is_tracked_not_smeared(anon_settings):
     frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
               for i in range(9)]
-    anonymizer = FaceAnonymizer(anon_settings, detector=KeyframesOnly())
+    # Keyframes 8 apart: a hold of 4 reaches both from frame 4.
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
+                                detector=KeyframesOnly())
     out, _ = anonymizer.anonymize_frames(frames)
     changed = np.any(out[4] != frames[4], axis=2)
     # Halfway, the box is interpolated to x = 135: its centre is hidden ...
@@ -101,7 +103,7 @@ def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
 class NoFaces:
     model_sha256 = {}
 
-    def detect(self, rgb, tile_sizes):
+    def detect(self, rgb, tile_sizes, memory=None):
         return []
 
 

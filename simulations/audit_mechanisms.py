@@ -1,6 +1,6 @@
 """The empirical audit against honest and deliberately broken DP-SGD, at one site.
 
-    python -m simulations.audit_mechanisms [--canaries 1000] [--epsilon 2] [--json]
+    python -m simulations.audit_mechanisms [--canaries 1000] [--epsilon 2] [--trainable-layers head] [--json]
 
 Each row runs one site's private round (`client.private_round.private_round`, the production
 path: plan, charge, canaries, Opacus, scores) on small generated video with audit canaries,
@@ -35,6 +35,7 @@ from client.node_config import NodeConfig
 from client.private_round import SitePrivacy, private_round
 from client.run_config import RunConfig
 from client.site import PrivacyUnits, SiteData
+from models.pretrained import freeze_except
 from models.registry import build_model
 from privacy.canaries import DiracObserver, RunCanaries, trainable_count, trainable_parameters
 from privacy.empirical_audit import CanaryAudit, audit_run_canaries
@@ -55,6 +56,7 @@ class Setting:
     batch_size: int = 300
     local_epochs: int = 10
     kind: str = "gradient"
+    trainable_layers: str = ""  # e.g. "head": the frozen-backbone recipe, canaries on what trains
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_mapping({
@@ -62,6 +64,7 @@ class Setting:
             "frame-stride": 1, "frame-size": 16, "num-server-rounds": 1, "local-epochs": self.local_epochs,
             "batch-size": self.batch_size, "target-epsilon": self.target_epsilon, "delta": 1e-5,
             "learning-rate": 0.003, "audit-canaries": self.canaries, "audit-canary-kind": self.kind,
+            "trainable-layers": self.trainable_layers,
         })
 
 
@@ -87,6 +90,7 @@ def run_mechanism(mechanism: str, setting: Setting, workdir: Path) -> CanaryAudi
     site = SitePrivacy("site-0", workdir / mechanism.replace("/", "-"), node)
     torch.manual_seed(0)
     model = build_model(config.model_spec(len(CLASSES)))
+    freeze_except(model, config.trainable_layers)  # as the client app does
     with _broken(mechanism):
         private_round(model, site_data(setting.units), config, site, "audit", 1, torch.device("cpu"))
     canaries = RunCanaries.load(RunCanaries.path_for(site.privacy_dir, "audit"))
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--epsilon", type=float, default=2.0, help="the target epsilon the site accounts")
+    parser.add_argument("--trainable-layers", default="",
+                        help="train only these layers, e.g. 'head' (canaries then land on them only)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cost", action="store_true",
                         help="instead: seconds of one quick-start site round, plain vs with canaries")
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind, seconds in cost.items():
             print(f"{kind:9} {seconds:7.1f} s   {seconds / cost['plain']:.2f}x plain")
         return 0
-    rows = audit_table(Setting(canaries=args.canaries, target_epsilon=args.epsilon), kinds=("gradient", "input"))
+    rows = audit_table(Setting(canaries=args.canaries, target_epsilon=args.epsilon,
+                                 trainable_layers=args.trainable_layers), kinds=("gradient", "input"))
     if args.json:
         print(json.dumps([dict(a.to_dict(), mechanism=m) for m, a in rows], indent=1))
         return 0

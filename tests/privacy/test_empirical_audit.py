@@ -126,3 +126,14 @@ def test_the_bound_ranks_in_above_out_and_is_capped_by_the_canary_count():
     assert attainable_lower_bound(50, 50, 1e-5) < attainable_lower_bound(500, 500, 1e-5)
     with pytest.raises(ValueError, match="NaN or infinite"):
         epsilon_lower_bound(np.array([1.0, np.nan]), np.array([0.0]), 1e-5)
+
+
+def test_with_a_frozen_backbone_the_canaries_land_on_the_trained_layers_and_still_catch_a_leak(tmp_path):
+    """The frozen-backbone recipe (`trainable-layers`) changes what DP-SGD updates. Canaries on a
+    frozen coordinate would see no gradient and catch nothing: the leak is caught only if they
+    land on the trained layers."""
+    frozen = Setting(canaries=1000, target_epsilon=2.0, trainable_layers="body.6,head")
+    honest = run_mechanism("honest", frozen, tmp_path)
+    leaking = run_mechanism("no-clipping", frozen, tmp_path)
+    assert not honest.violated and honest.empirical_epsilon_lower < honest.epsilon_accounted
+    assert leaking.violated and leaking.empirical_epsilon_lower > leaking.epsilon_accounted

@@ -83,7 +83,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     headline = {k: round(v, 4) for k, v in last.items() if k.startswith("held-out-")}
     print(f"{args.out}: {config.task}/{config.model}-{config.model_size} on {result['train-clips']} public clips "
           f"of {result['public-data']} ({', '.join(result['classes'])}), {result['epochs']} epochs; {headline}")
-    print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"'")
+    # The DP recipe measured for the built-in classifier (README, "Starting from public weights").
+    recipe = ' trainable-layers="head" learning-rate=0.1' if (config.task, config.model) == ("classify", "cnn3d") else ""
+    print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"{recipe}'")
     return 0
 
 
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="distill the run's model into a small student and quantize both to int8 ONNX")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="where the .onnx files and report.json/report.md go")
-    p.add_argument("--transfer", type=Path, default=None, help="public video folder to distill on (default: built-in synthetic data)")
+    p.add_argument("--transfer", type=Path, default=None, help="public video folder to distill on (default: the built-in public set, none of the sites' classes)")
     p.add_argument("--student", default=None, help="student architecture, e.g. cnn2d-small or cnn3d-tiny (default: cnn2d at the teacher's size)")
     p.add_argument("--epochs", type=int, default=12, help="distillation epochs")
     p.set_defaults(func=cmd_export)

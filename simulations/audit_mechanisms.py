@@ -1,6 +1,6 @@
 """The empirical audit against honest and deliberately broken DP-SGD, at one site.
 
-    python -m simulations.audit_mechanisms [--canaries 1000] [--epsilon 2] [--trainable-layers head] [--json]
+    python -m simulations.audit_mechanisms [--canaries 1000] [--epsilon 2] [--trainable-layers body.6,head] [--json]
 
 Each row runs one site's private round (`client.private_round.private_round`, the production
 path: plan, charge, canaries, Opacus, scores) on small generated video with audit canaries,
@@ -56,7 +56,7 @@ class Setting:
     batch_size: int = 300
     local_epochs: int = 10
     kind: str = "gradient"
-    trainable_layers: str = ""  # e.g. "head": the frozen-backbone recipe, canaries on what trains
+    trainable_layers: str = ""  # e.g. "body.6,head": a frozen backbone; canaries land on what trains
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_mapping({
@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--epsilon", type=float, default=2.0, help="the target epsilon the site accounts")
     parser.add_argument("--trainable-layers", default="",
-                        help="train only these layers, e.g. 'head' (canaries then land on them only)")
+                        help="train only these layers, e.g. 'body.6,head' (canaries land on them only, so they need more weights than canaries)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cost", action="store_true",
-                        help="instead: seconds of one quick-start site round, plain vs with canaries")
+                        help="instead: seconds of one site round of fedvid simulate from scratch, plain vs with canaries")
     args = parser.parse_args(argv)
     if args.cost:
         cost = round_cost(args.canaries)

@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the run's model without DP on public videos no site holds, for init-from")
     p.add_argument("--out", type=Path, required=True, help="the model file to write (a fedvid model file)")
     p.add_argument("--data", type=Path, default=None,
-                   help="public videos, one sub-folder per class (default: the built-in public set: other "
-                        "shapes, backgrounds and motions than the sites' data)")
+                   help="public videos, one sub-folder per class; for detect, videos with .gt.txt boxes and "
+                        "classes.txt (default: the task's built-in public set: other shapes, backgrounds and "
+                        "motions than the sites' data)")
     p.add_argument("--run-config", default="", help="the run's model and clip settings, e.g. 'model=\"r3d-18\" model-size=\"tiny\"'")
     p.add_argument("--epochs", type=int, default=12)
     p.set_defaults(func=cmd_pretrain)

@@ -377,7 +377,7 @@ def export_run(
     say = print if progress else (lambda *a, **k: None)
     anonymizer, cache, geometry = site_anonymizer(), cache_dir(), clip_spec(config)
 
-    transfer_dir = Path(transfer) if transfer else public_data_dir(progress)
+    transfer_dir = Path(transfer) if transfer else public_data_dir("classify", progress)
     say(f"transfer set: {transfer_dir}")
     transfer_set = load_transfer_set(transfer_dir, classes, geometry, anonymizer, cache, progress=progress)
     _, _, test_items = federation_split(config)

@@ -118,14 +118,17 @@ def _under(name: str, prefix: str) -> bool:
 PRETRAIN_VALIDATION = 0.2  # of the public videos, held out to report what pretraining learnt
 
 
-def public_data_dir(progress: bool = False) -> Path:
-    """The built-in public pretraining set (client.synth_public), written on first use."""
+def public_data_dir(task: str, progress: bool = False) -> Path:
+    """The built-in public pretraining set for `task` (client.synth_public), written on first use."""
     from client.site import fedvid_home
-    from client.synth_public import is_complete, write_public_dataset
+    from client.synth_public import (DETECTION_DONE_FILE, DONE_FILE, is_complete, write_public_dataset,
+                                     write_public_detection_dataset)
 
-    target = fedvid_home() / "data" / "synth-public"
-    if not is_complete(target):
-        write_public_dataset(target, progress=progress)
+    name, write, done = (("synth-public-detect", write_public_detection_dataset, DETECTION_DONE_FILE) if task == "detect"
+                         else ("synth-public", write_public_dataset, DONE_FILE))
+    target = fedvid_home() / "data" / name
+    if not is_complete(target, done):
+        write(target, progress=progress)
     return target
 
 
@@ -144,10 +147,7 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
     from models.tasks import get_task
     from server.run_dir import save_model
 
-    if config.task == "detect" and data is None:
-        raise ValueError("fedvid pretrain --task detect needs --data: a public folder in the detection layout "
-                         "(videos with .gt.txt boxes); there is no built-in public detection set")
-    root = Path(data).expanduser() if data else public_data_dir(progress)
+    root = Path(data).expanduser() if data else public_data_dir(config.task, progress)
     if config.task == "detect":
         from client.boxes import scan_detection_folder
         classes, items = scan_detection_folder(root, None)

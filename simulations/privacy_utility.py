@@ -5,10 +5,10 @@
         [--run-config '...'] [--pretrain-epochs 12]
 
 One simulated federation per (task, start, epsilon or "off", seed). "pretrained" starts from
-`fedvid pretrain` on the built-in public data (made once per task; no public detection set is
-built in, so detect runs from scratch only). Each row gives the task's headline test metric and
-its trivial baseline (mean and spread over seeds) beside the largest epsilon any site actually
-spent, read from the run's ledger by the audit, not from the target.
+`fedvid pretrain` on the task's built-in public data (made once per task). Each row gives the
+task's headline test metric and its trivial baseline (mean and spread over seeds) beside the
+largest epsilon any site actually spent, read from the run's ledger by the audit, not from the
+target.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[floa
     return last[f"test-{spec.headline}"], baseline, epsilon
 
 
-def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path | None:
-    """A model pretrained on the public data for `task` (None for detect: no public set)."""
+def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path:
+    """A model pretrained on the built-in public data for `task`."""
     from models.pretrained import pretrain
 
-    if task == "detect":
-        return None
     path = root / f"pretrained-{task}.pt"
     if not path.is_file():
         pretrain(resolve_run_config(f"{overrides} task={json.dumps(task)}"), path, epochs=epochs)

@@ -12,7 +12,10 @@ import torch
 
 from client.run_config import RunConfig
 from client.synth import CLASSES
-from client.synth_public import PUBLIC_CLASSES, _path, write_public_dataset
+from client.boxes import scan_detection_folder
+from client.synth_detect import DETECTION_CLASSES
+from client.synth_public import (PUBLIC_CLASSES, PUBLIC_DETECTION_CLASSES, _path, _stripes, render_public_detection_video,
+                                 write_public_dataset, write_public_detection_dataset)
 from models.pretrained import freeze_except, load_initial_weights, pretrain
 from models.registry import ModelSpec, build_model, class_dependent_keys
 from models.video_resnet import VideoResNet18
@@ -137,3 +140,40 @@ def test_pretrain_writes_a_file_a_federation_starts_from(tmp_path):
     model = build_model(spec)
     report = load_initial_weights(model, tmp_path / "pre.pt", CLASSES, class_dependent_keys(spec))
     assert report.reinitialised == ["head.bias", "head.weight"] and report.loaded_fraction > 0.9
+
+
+def test_public_detection_data_is_disjoint_from_the_sites_and_its_boxes_are_tight():
+    assert not set(PUBLIC_DETECTION_CLASSES) & set(DETECTION_CLASSES)
+    checked = 0
+    for seed in range(8):
+        frames, lines = render_public_detection_video(np.random.default_rng(seed))
+        background = np.clip(_stripes(np.random.default_rng(seed)), 0, 255).astype(np.uint8)  # its first draw
+        boxes: dict[int, list[tuple[float, ...]]] = {}
+        for line in lines:
+            frame, _, x, y, w, h, _, kind, _ = line.split(",")
+            assert 1 <= int(kind) <= len(PUBLIC_DETECTION_CLASSES)
+            boxes.setdefault(int(frame), []).append((float(x), float(y), float(x) + float(w), float(y) + float(h)))
+        for t, frame in enumerate(frames):
+            rows, cols = np.nonzero(np.any(frame != background, axis=2))
+            inside = np.zeros(len(rows), bool)
+            for x1, y1, x2, y2 in boxes.get(t + 1, []):  # every drawn pixel lies in a box of its frame
+                inside |= (cols + 1 > x1) & (cols < x2) & (rows + 1 > y1) & (rows < y2)
+            assert inside.all(), (seed, t)
+            if len(boxes.get(t + 1, [])) == 1 and len(rows):  # one object: its box is its pixels' box
+                x1, y1, x2, y2 = boxes[t + 1][0]
+                if 0 <= x1 and 0 <= y1 and x2 <= frame.shape[1] and y2 <= frame.shape[0]:
+                    assert abs(cols.min() - x1) < 1 and abs(cols.max() + 1 - x2) < 1
+                    assert abs(rows.min() - y1) < 1 and abs(rows.max() + 1 - y2) < 1
+                    checked += 1
+    assert checked > 20
+
+
+def test_pretrain_detect_on_the_public_detection_set_starts_a_sites_detector(tmp_path):
+    data = write_public_detection_dataset(tmp_path / "public", videos=6)
+    assert scan_detection_folder(data, PUBLIC_DETECTION_CLASSES)[0] == PUBLIC_DETECTION_CLASSES
+    config = RunConfig.from_mapping({"task": "detect", "model-size": "tiny", "frame-size": 32, "clip-frames": 4})
+    result = pretrain(config, tmp_path / "pre.pt", data, epochs=1)
+    assert result["classes"] == list(PUBLIC_DETECTION_CLASSES) and 0 <= result["history"][-1]["held-out-map50"] <= 1
+    spec = config.model_spec(len(DETECTION_CLASSES))
+    report = load_initial_weights(build_model(spec), tmp_path / "pre.pt", DETECTION_CLASSES, class_dependent_keys(spec))
+    assert report.reinitialised == ["heatmap.1.bias", "heatmap.1.weight"] and report.loaded_fraction > 0.9

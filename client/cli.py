@@ -73,6 +73,13 @@ def cmd_ledger_key(args: argparse.Namespace) -> int:
     return 0
 
 
+# The DP recipes measured on the built-in data (README, "Starting from public weights").
+DP_RECIPES = {
+    ("classify", "cnn3d"): ' trainable-layers="head" learning-rate=0.1',
+    ("detect", "cnn3d"): ' trainable-layers="heatmap,box" learning-rate=0.01',
+}
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.pretrained import pretrain
     from simulations.federation import resolve_run_config
@@ -83,8 +90,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     headline = {k: round(v, 4) for k, v in last.items() if k.startswith("held-out-")}
     print(f"{args.out}: {config.task}/{config.model}-{config.model_size} on {result['train-clips']} public clips "
           f"of {result['public-data']} ({', '.join(result['classes'])}), {result['epochs']} epochs; {headline}")
-    # The DP recipe measured for the built-in classifier (README, "Starting from public weights").
-    recipe = ' trainable-layers="head" learning-rate=0.1' if (config.task, config.model) == ("classify", "cnn3d") else ""
+    recipe = DP_RECIPES.get((config.task, config.model), "")
     print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"{recipe}'")
     return 0
 

@@ -14,6 +14,7 @@ target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -43,8 +44,15 @@ def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path:
 
     path = root / f"pretrained-{task}.pt"
     if not path.is_file():
-        pretrain(resolve_run_config(f"{overrides} task={json.dumps(task)}"), path, epochs=epochs)
+        pretrain(pretrain_config(task, overrides), path, epochs=epochs)
     return path
+
+
+def pretrain_config(task: str, overrides: str):
+    """The runs' model and clip settings for pretraining, at the task's own learning rate: the
+    runs' `learning-rate` is a DP recipe's (0.1 for a head alone) and makes full non-DP training diverge."""
+    config = resolve_run_config(f"{overrides} task={json.dumps(task)}")
+    return dataclasses.replace(config, learning_rate=resolve_run_config(f"task={json.dumps(task)}").learning_rate)
 
 
 def spread(values: list[float]) -> str:

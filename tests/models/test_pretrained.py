@@ -177,3 +177,10 @@ def test_pretrain_detect_on_the_public_detection_set_starts_a_sites_detector(tmp
     spec = config.model_spec(len(DETECTION_CLASSES))
     report = load_initial_weights(build_model(spec), tmp_path / "pre.pt", DETECTION_CLASSES, class_dependent_keys(spec))
     assert report.reinitialised == ["heatmap.1.bias", "heatmap.1.weight"] and report.loaded_fraction > 0.9
+
+
+def test_privacy_utility_pretrains_at_the_tasks_learning_rate_not_the_dp_recipes():
+    from simulations.privacy_utility import pretrain_config
+
+    config = pretrain_config("classify", 'learning-rate=0.1 trainable-layers="head" model-size="tiny"')
+    assert config.model_size == "tiny" and config.learning_rate == RunConfig.from_mapping({}).learning_rate == 0.003

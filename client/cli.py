@@ -86,10 +86,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = resolve_run_config(args.run_config)
     result = pretrain(config, args.out, args.data, args.epochs, progress=True)
-    last = result["history"][-1]
-    headline = {k: round(v, 4) for k, v in last.items() if k.startswith("held-out-")}
+    chosen = result["history"][result["chosen-epoch"] - 1]
+    headline = {k: round(v, 4) for k, v in chosen.items() if k.startswith("held-out-")}
     print(f"{args.out}: {config.task}/{config.model}-{config.model_size} on {result['train-clips']} public clips "
-          f"of {result['public-data']} ({', '.join(result['classes'])}), {result['epochs']} epochs; {headline}")
+          f"of {result['public-data']} ({', '.join(result['classes'])}); kept epoch {result['chosen-epoch']} "
+          f"of {result['epochs']}, the best held out: {headline}")
     recipe = DP_RECIPES.get((config.task, config.model), "")
     print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"{recipe}'")
     return 0

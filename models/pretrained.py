@@ -17,6 +17,7 @@ they change what the sites train, never what a site's epsilon is.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,8 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
              progress: bool = False) -> dict:
     """Train the run's model (task, model, size, clip geometry of `config`) without DP on public
     videos (`data`, one sub-folder per class; default: the built-in public set) and save it to
-    `out` as a fedvid model file for `init-from`. Returns what it measured."""
+    `out` as a fedvid model file for `init-from`: the weights of the epoch with the best held-out
+    headline metric. Returns what it measured."""
     from rich.progress import track
     from torch.utils.data import DataLoader
 
@@ -147,6 +149,8 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
     from models.tasks import get_task
     from server.run_dir import save_model
 
+    if epochs < 1:
+        raise ValueError(f"pretraining needs epochs >= 1, not {epochs}")
     root = Path(data).expanduser() if data else public_data_dir(config.task, progress)
     if config.task == "detect":
         from client.boxes import scan_detection_folder
@@ -165,14 +169,19 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
     model = build_model(model_spec).to(device)
     optimizer = make_optimizer(model, config.learning_rate)
     loader = DataLoader(task.examples(train_set), batch_size=batch_size, shuffle=True)
-    history = []
+    history, best = [], None
     for epoch in track(range(epochs), description="pretraining") if progress else range(epochs):
         stats = train_epochs(model, loader, optimizer, 1, device, task.step_loss)
         history.append({"epoch": epoch + 1, "train-loss": stats.loss,
                         **{f"held-out-{k}": v for k, v in task.evaluate(model, held_set, device).items()}})
+        # Keep the epoch that generalises best: the last one can be worse (training is noisy
+        # and may overfit), and only public data decides.
+        if best is None or history[-1][f"held-out-{task.headline}"] > best[0]:
+            best = (history[-1][f"held-out-{task.headline}"], epoch + 1, copy.deepcopy(model.state_dict()))
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"public-data": str(root), "classes": list(classes), "train-clips": len(train_set),
-              "held-out-clips": len(held_set), "epochs": epochs, "history": history}
-    save_model(out, model.cpu().state_dict(), model_spec, classes, pretrained=result)
+              "held-out-clips": len(held_set), "epochs": epochs, "chosen-epoch": best[1],
+              f"held-out-{task.headline}": best[0], "history": history}
+    save_model(out, {k: v.cpu() for k, v in best[2].items()}, model_spec, classes, pretrained=result)
     return result

@@ -142,6 +142,28 @@ def test_pretrain_writes_a_file_a_federation_starts_from(tmp_path):
     assert report.reinitialised == ["head.bias", "head.weight"] and report.loaded_fraction > 0.9
 
 
+def test_pretrain_keeps_the_epoch_that_did_best_on_held_out_public_data(tmp_path, monkeypatch):
+    import dataclasses
+    import models.tasks
+
+    scores, seen = iter([0.3, 0.8, 0.5]), []
+
+    def scripted(model, clipset, device):  # held-out accuracy 0.3, 0.8, 0.5 after epochs 1, 2, 3
+        seen.append(copy.deepcopy(model.state_dict()))
+        return {"loss": 1.0, "accuracy": next(scores)}
+
+    monkeypatch.setitem(models.tasks.TASKS, "classify", dataclasses.replace(models.tasks.TASKS["classify"], evaluate=scripted))
+    data = write_public_dataset(tmp_path / "public", videos_per_class=3)
+    config = RunConfig.from_mapping({"model-size": "tiny", "frame-size": 24, "clip-frames": 4})
+    result = pretrain(config, tmp_path / "pre.pt", data, epochs=3)
+    assert result["chosen-epoch"] == 2 and result["held-out-accuracy"] == 0.8
+    saved = torch.load(tmp_path / "pre.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], seen[1][k].cpu()) for k in saved)
+    assert not all(torch.equal(saved[k], seen[2][k].cpu()) for k in saved)  # not the last epoch's
+    with pytest.raises(ValueError, match="epochs"):
+        pretrain(config, tmp_path / "none.pt", data, epochs=0)
+
+
 def test_public_detection_data_is_disjoint_from_the_sites_and_its_boxes_are_tight():
     assert not set(PUBLIC_DETECTION_CLASSES) & set(DETECTION_CLASSES)
     checked = 0

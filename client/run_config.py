@@ -73,6 +73,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     init_from: str = ""
     trainable_layers: str = ""
+    ema_decay: float = 0.0
     task_defaults: tuple[tuple[str, str, float], ...] = tuple(sorted(
         (task, key, value) for task, values in TASK_DEFAULTS.items() for key, value in values.items()
     ))
@@ -135,6 +136,8 @@ class RunConfig:
             raise ValueError("resume = true needs run-dir: the directory of the run to continue")
         if not self.round_timeout > 0:
             raise ValueError(f"round-timeout = {self.round_timeout} must be > 0 seconds")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema-decay = {self.ema_decay} must be in [0, 1) (0: the run's model is the last round's)")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{_key(name)} = {getattr(self, name)} must be in (0, 1]")

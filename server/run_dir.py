@@ -3,9 +3,10 @@
     config.json        the resolved run config, classes and model spec
     metrics.jsonl      one JSON object per round (round 0 is the initial model)
     checkpoints/       round-001.pt, ... the global model after each round, with the round,
-                       the ledger head and the central accountant's rounds: a resumed run
-                       continues from the last one (`resume_point`)
-    model.pt           the final global model
+                       the ledger head, the central accountant's rounds and (`ema-decay`) the
+                       average of the global models: a resumed run continues from the last one
+                       (`resume_point`)
+    model.pt           the final global model (with `ema-decay`: its average over rounds)
     metrics.png        the task's metric (accuracy, mAP, PSNR) and loss per round
     status.json        "running", then "completed" or "failed"
 """
@@ -112,6 +113,7 @@ class ResumePoint:
     central_rounds: int
     run_id: str
     checkpoint: Path
+    average: dict | None = None  # the `ema-decay` average of the global models, when the run keeps one
 
 
 def resume_point(run_path: Path, spec: ModelSpec, classes: tuple[str, ...]) -> ResumePoint | None:
@@ -141,7 +143,7 @@ def resume_point(run_path: Path, spec: ModelSpec, classes: tuple[str, ...]) -> R
             raise ValueError(f"cannot resume {run_path}: the ledger does not continue checkpoint {path.name} "
                              f"({chain.reason} at line {chain.bad_line})")
         return ResumePoint(int(content["round"]), content["state_dict"], head, int(content["central_rounds"]),
-                           str(content["run_id"]), path)
+                           str(content["run_id"]), path, content.get("average"))
     return None
 
 

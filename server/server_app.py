@@ -22,6 +22,7 @@ from models.registry import build_model, class_dependent_keys
 from models.tasks import Task, get_task
 from privacy.durable import atomic_write_json
 from server.central_privacy import CentralPrivacy
+from server.model_average import ModelAverage
 from server.polling_grid import PollingGrid
 from server.run_dir import RunDirectory, resume_point
 from server.strategy import RoundOffset, make_strategy
@@ -91,8 +92,9 @@ def main(grid: Grid, context: Context) -> None:
     if init is not None:
         atomic_write_json(run.path / "init-from.json", dataclasses.asdict(init))
         log(INFO, "fedvid: init-from: %s", init.summary())
+    average = ModelAverage(config.ema_decay, point.average if point else None) if config.ema_decay else None
     if done >= config.num_server_rounds:
-        run.finish(model.state_dict())
+        run.finish(point.average if point and point.average is not None else model.state_dict())
         log(INFO, "fedvid: all %s rounds were complete already", config.num_server_rounds)
         return
 
@@ -122,11 +124,18 @@ def main(grid: Grid, context: Context) -> None:
         if step == 0 and done:
             return None  # the resumed model is round `done`, already evaluated and recorded
         metrics = dict(strategy.round_metrics) if server_round > 0 else {}
+        round_state = arrays.to_torch_state_dict()
+        averaged = average is not None and server_round > 0
         if server_round > 0:
             metrics.update(guard.round_report())
-        if test_set is not None:
-            model.load_state_dict(arrays.to_torch_state_dict())
+        if averaged:
+            average.update(round_state)
+        if test_set is not None:  # the run's model: the average when there is one
+            model.load_state_dict(average.state if averaged else round_state)
             metrics.update({f"test-{key}": value for key, value in task.evaluate(model, test_set, device).items()})
+            if averaged:
+                model.load_state_dict(round_state)
+                metrics[f"test-unaveraged-{task.headline}"] = task.evaluate(model, test_set, device)[task.headline]
         source = "test" if test_set is not None else "val"
         if f"{source}-{task.headline}" in metrics:  # the round's headline, e.g. `accuracy` or `map50`
             metrics.update({task.headline: metrics[f"{source}-{task.headline}"], "loss": metrics[f"{source}-loss"]})
@@ -137,8 +146,9 @@ def main(grid: Grid, context: Context) -> None:
         metrics["seconds"] = seconds
         run.record_round(
             server_round, {**metrics, "sites": strategy.site_metrics if server_round else []},
-            arrays.to_torch_state_dict() if server_round else None,
+            round_state if server_round else None,
             ledger_head=list(central.ledger.head()), central_rounds=central.rounds, run_id=ledger_run_id,
+            average=average.state if averaged else None,
         )
         log(INFO, "fedvid: %s", round_line(server_round, config.num_server_rounds, metrics, seconds, task))
         clock["start"] = time.perf_counter()
@@ -157,6 +167,8 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    # No round aggregated anything (every update refused or rejected): the model is unchanged.
-    run.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.cpu().state_dict())
+    if average is not None and average.state is not None:
+        run.finish(average.state)
+    else:  # no round aggregated anything (every update refused or rejected): the model is unchanged
+        run.finish(result.arrays.to_torch_state_dict() if len(result.arrays) else model.cpu().state_dict())
     log(INFO, "fedvid: run completed, results in %s", run.path)

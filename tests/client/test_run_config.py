@@ -49,6 +49,8 @@ def test_overrides_are_parsed_like_flower_does():
         ({"aggregation": "median", "server-noise-multiplier": 1.0}, "aggregation"),
         ({"resume": True}, "resume"),
         ({"round-timeout": 0.0}, "round-timeout"),
+        ({"ema-decay": 1.0}, "ema-decay"),
+        ({"ema-decay": -0.1}, "ema-decay"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(values, key):

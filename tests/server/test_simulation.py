@@ -36,12 +36,12 @@ def simulate(home, run_dir, overrides: str) -> None:
 def finished_run(tmp_path_factory):
     """2 rounds, run as 1 round and then resumed for the second, as after a coordinator crash;
     the first run starts from `fedvid pretrain` weights, trains only the head, and plants 20
-    audit canaries per site."""
+    audit canaries per site. The run's model is the average of the global models (`ema-decay`)."""
     home = tmp_path_factory.mktemp("home")
     data = write_synthetic_dataset(home / "data", seed=1, videos_per_class=4)
     run_dir = home / "run"
     overrides = (f'local-epochs=1 model-size="tiny" frame-size=24 target-epsilon=3.0 '
-                 f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001')
+                 f'data-dir="{data}" test-fraction=0.25 batch-size=4 delta=0.001 ema-decay=0.25')
     public = write_public_dataset(home / "public", videos_per_class=3)
     fedvid(home, "pretrain", "--out", str(home / "pretrained.pt"), "--data", str(public), "--epochs", "1",
            "--run-config", overrides)
@@ -76,6 +76,19 @@ def test_a_run_starts_from_public_weights_and_trains_only_its_layers(finished_ru
             assert not torch.equal(after[key], tensor), key
         else:  # frozen through DP-SGD, update clipping and aggregation
             assert torch.allclose(after[key], tensor, atol=1e-7), key
+
+
+def test_the_runs_model_is_the_average_of_the_global_models_across_the_resume(finished_run):
+    """round 1's model, then 0.25 x it + 0.75 x round 2's: the average survived the restart."""
+    first, second = (torch.load(finished_run / "checkpoints" / f"round-00{n}.pt", weights_only=False) for n in (1, 2))
+    final = torch.load(finished_run / "model.pt", weights_only=False)["state_dict"]
+    head = "head.weight"
+    assert not torch.equal(first["state_dict"][head], second["state_dict"][head])
+    assert torch.equal(first["average"][head], first["state_dict"][head])
+    expected = 0.25 * first["state_dict"][head] + 0.75 * second["state_dict"][head]
+    assert torch.allclose(final[head], expected, atol=1e-7) and torch.equal(second["average"][head], final[head])
+    rounds = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["test-unaveraged-accuracy"] <= 1 for r in rounds[1:])  # the last round's model alone
 
 
 def test_resumed_sites_keep_their_budget(finished_run):

@@ -75,7 +75,7 @@ def cmd_ledger_key(args: argparse.Namespace) -> int:
 
 # The DP recipes measured on the built-in data (README, "Starting from public weights").
 DP_RECIPES = {
-    ("classify", "cnn3d"): ' trainable-layers="head" learning-rate=0.1',
+    ("classify", "cnn3d"): ' trainable-layers="head" learning-rate=0.1 ema-decay=0.5',
     ("detect", "cnn3d"): ' trainable-layers="heatmap,box" learning-rate=0.01',
 }
 

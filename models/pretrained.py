@@ -167,7 +167,7 @@ def pretrain(config, out: Path, data: Path | None = None, epochs: int = 12, batc
     torch.manual_seed(config.seed)
     model_spec = config.model_spec(len(classes))
     model = build_model(model_spec).to(device)
-    optimizer = make_optimizer(model, config.learning_rate)
+    optimizer = make_optimizer(model, config.pretrain_learning_rate)
     loader = DataLoader(task.examples(train_set), batch_size=batch_size, shuffle=True)
     history, best = [], None
     for epoch in track(range(epochs), description="pretraining") if progress else range(epochs):

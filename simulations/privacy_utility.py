@@ -14,7 +14,6 @@ target.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -49,10 +48,9 @@ def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path:
 
 
 def pretrain_config(task: str, overrides: str):
-    """The runs' model and clip settings for pretraining, at the task's own learning rate: the
-    runs' `learning-rate` is a DP recipe's (0.1 for a head alone) and makes full non-DP training diverge."""
-    config = resolve_run_config(f"{overrides} task={json.dumps(task)}")
-    return dataclasses.replace(config, learning_rate=resolve_run_config(f"task={json.dumps(task)}").learning_rate)
+    """The runs' model and clip settings for pretraining (which trains at `pretrain-learning-rate`,
+    not at the runs' `learning-rate`: a DP recipe's 0.1 for a head alone makes full training diverge)."""
+    return resolve_run_config(f"{overrides} task={json.dumps(task)}")
 
 
 def spread(values: list[float]) -> str:

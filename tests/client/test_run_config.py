@@ -12,12 +12,13 @@ from simulations.federation import app_defaults, resolve_run_config
 
 def test_pyproject_defaults_match_the_dataclass():
     assert RunConfig.from_mapping(app_defaults()) == RunConfig()
-    assert app_defaults() == RunConfig().to_mapping() | {"learning-rate": 0.0}  # 0: the task's own
+    assert app_defaults() == RunConfig().to_mapping() | {"learning-rate": 0.0, "pretrain-learning-rate": 0.0}  # 0: the task's own
 
 
 def test_each_task_takes_its_own_default_unless_the_run_names_one():
     assert resolve_run_config('task="generate"').learning_rate == 0.0003
     assert resolve_run_config('task="classify"').learning_rate == 0.003
+    assert resolve_run_config('task="classify" learning-rate=0.1').pretrain_learning_rate == 0.001
     assert resolve_run_config('task="generate" learning-rate=0.01').learning_rate == 0.01
     assert resolve_run_config('task="enhance" task-defaults.enhance.learning-rate=0.002').learning_rate == 0.002
     with pytest.raises(ValueError, match="task-defaults.enhance.momentum"):

@@ -201,8 +201,12 @@ def test_pretrain_detect_on_the_public_detection_set_starts_a_sites_detector(tmp
     assert report.reinitialised == ["heatmap.1.bias", "heatmap.1.weight"] and report.loaded_fraction > 0.9
 
 
-def test_privacy_utility_pretrains_at_the_tasks_learning_rate_not_the_dp_recipes():
+def test_privacy_utility_pretrains_at_the_pretraining_rate_not_the_dp_recipes(tmp_path, monkeypatch):
+    import client.train
     from simulations.privacy_utility import pretrain_config
 
-    config = pretrain_config("classify", 'learning-rate=0.1 trainable-layers="head" model-size="tiny"')
-    assert config.model_size == "tiny" and config.learning_rate == RunConfig.from_mapping({}).learning_rate == 0.003
+    rates, make_optimizer = [], client.train.make_optimizer
+    monkeypatch.setattr(client.train, "make_optimizer", lambda model, lr: rates.append(lr) or make_optimizer(model, lr))
+    config = pretrain_config("classify", 'learning-rate=0.1 trainable-layers="head" model-size="tiny" frame-size=24 clip-frames=4')
+    pretrain(config, tmp_path / "pre.pt", write_public_dataset(tmp_path / "public", videos_per_class=3), epochs=1)
+    assert config.model_size == "tiny" and rates == [0.001]

@@ -25,8 +25,9 @@ from privacy.audit import audit_run
 from simulations.federation import resolve_run_config, simulate
 
 
-def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[float, float | None, float]:
-    """(headline test metric, its baseline or None, largest site epsilon) of one simulated run."""
+def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[float, float | None, float, float | None]:
+    """(headline test metric, its baseline or None, largest site epsilon, the headline of the last
+    round's model alone when the run averages its models (`ema-decay`) or None) of one simulated run."""
     if simulate(sites, overrides, run_dir) != 0:
         raise SystemExit(f"the run in {run_dir} failed")
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -34,7 +35,7 @@ def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[floa
     sites_eps = [site["epsilon"] for site in audit_run(run_dir).to_dict()["sites"].values()]
     epsilon = max((float(e) for e in sites_eps), default=math.inf)
     baseline = last.get(f"test-{spec.baseline}") if spec.baseline else None
-    return last[f"test-{spec.headline}"], baseline, epsilon
+    return last[f"test-{spec.headline}"], baseline, epsilon, last.get(f"test-unaveraged-{spec.headline}")
 
 
 def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path:
@@ -87,13 +88,15 @@ def main() -> None:
             results[(task, start, setting)].append(run_once(args.sites, overrides, root / name, task))
             print(f"{name}: {results[(task, start, setting)][-1]}", flush=True)
     rows = [(*cell, runs) for cell, runs in results.items()]
-    print(f"\n| task | start | privacy | spent epsilon (max site) | headline (test) | baseline |")
-    print("|---|---|---|---:|---|---|")
+    print(f"\n| task | start | privacy | spent epsilon (max site) | headline (test) | last round's model alone | baseline |")
+    print("|---|---|---|---:|---|---|---|")
     for task, start, setting, runs in rows:
         headline = get_task(task).headline
-        baselines = [b for _, b, _ in runs if b is not None]
-        print(f"| {task} | {start} | {setting} | {max(e for _, _, e in runs):.2f} | {headline} "
-              f"{spread([m for m, _, _ in runs])} | {spread(baselines) if baselines else '-'} |")
+        baselines = [b for _, b, _, _ in runs if b is not None]
+        unaveraged = [u for _, _, _, u in runs if u is not None]
+        print(f"| {task} | {start} | {setting} | {max(e for _, _, e, _ in runs):.2f} | {headline} "
+              f"{spread([m for m, _, _, _ in runs])} | {spread(unaveraged) if unaveraged else '-'} | "
+              f"{spread(baselines) if baselines else '-'} |")
     print(f"runs in {root}")
 
 

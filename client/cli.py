@@ -81,10 +81,16 @@ DP_RECIPES = {
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
     from models.pretrained import pretrain
     from simulations.federation import resolve_run_config
 
     config = resolve_run_config(args.run_config)
+    named = parse_config_args([args.run_config]) if args.run_config.strip() else {}
+    if "learning-rate" in named and "pretrain-learning-rate" not in named:
+        print(f"note: learning-rate is the federation's; pretraining runs at pretrain-learning-rate = "
+              f"{config.pretrain_learning_rate} (set that key to change it)")
     result = pretrain(config, args.out, args.data, args.epochs, progress=True)
     chosen = result["history"][result["chosen-epoch"] - 1]
     headline = {k: round(v, 4) for k, v in chosen.items() if k.startswith("held-out-")}

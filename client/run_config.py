@@ -66,7 +66,7 @@ class RunConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0
-    grad_sample_mode: str = "functorch"
+    grad_sample_mode: str = "hooks"
     update_clip_norm: float = 10.0
     server_noise_multiplier: float = 0.0
     audit_canaries: int = 0

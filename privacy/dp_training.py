@@ -34,6 +34,8 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from privacy import grad_samplers  # noqa: F401  (registers the convolutions' grad sampler with Opacus)
+
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 

@@ -1,15 +1,16 @@
 """Benchmark: DP-SGD step time / plain step time, per Opacus grad_sample_mode.
 
-    python -m simulations.bench_dp_step --model cnn3d --size tiny --batch-size 16
+    python -m simulations.bench_dp_step [--task classify] --model cnn3d --size tiny --batch-size 16
 
-For each mode (hooks, functorch, ghost) the model is wrapped with
+For each mode (hooks, functorch, ghost) the task's model is wrapped with
 `privacy.dp_training.make_private` (noise 1.0, clipping 1.0, fixed batches, no Poisson
 sampling so every step sees the same batch size) and one full step (zero_grad, forward,
 loss, backward, optimizer step) is timed against the same step on the unwrapped model.
-Ghost mode uses the criterion returned by make_private, as it must (backward through the
-plain criterion would skip clipping). The model comes from `models.registry`; with
-``--model standin`` (or when the registry is missing) a small Conv3d stand-in is used.
-Also prints the brute-force clipping check (`check_per_sample_clipping`) per mode.
+The loss is the task's training loss (`models.tasks`) on random clips, labels or boxes.
+Ghost mode (classify only: it needs a criterion of (output, labels)) uses the criterion returned
+by make_private, as it must (backward through the plain criterion would skip clipping). The
+model comes from `models.registry`; ``--model standin`` is a small Conv3d classifier. For
+classify and detect it also prints the brute-force clipping check (`check_per_sample_clipping`).
 """
 
 from __future__ import annotations
@@ -61,21 +62,31 @@ def frozen(factory: Callable[[], nn.Module], trainable: str) -> Callable[[], nn.
 
 
 def model_factory(
-    name: str, size: str, num_classes: int, clip_frames: int, frame_size: int
+    name: str, size: str, num_classes: int, clip_frames: int, frame_size: int, task: str = "classify"
 ) -> Callable[[], nn.Module]:
     """A zero-argument builder of the requested model (registry, or the stand-in)."""
     if name == "standin":
         return lambda: StandInClassifier(num_classes)
     from models import registry
 
-    if hasattr(registry, "ModelSpec"):
-        spec = registry.ModelSpec(task="classify", name=name, size=size,
-                                  num_classes=num_classes, clip_frames=clip_frames,
-                                  frame_size=frame_size)
-        return lambda: registry.build_model(spec)
-    return lambda: registry.build_model(task="classify", name=name, size=size,
-                                        num_classes=num_classes, clip_frames=clip_frames,
-                                        frame_size=frame_size)
+    spec = registry.ModelSpec(task=task, name=name, size=size, num_classes=num_classes,
+                              clip_frames=clip_frames, frame_size=frame_size)
+    return lambda: registry.build_model(spec)
+
+
+def random_batch(task: str, batch_size: int, num_classes: int, clip_frames: int,
+                 frame_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips, labels), or (clips, dense detection targets) with one random box per clip."""
+    clips = torch.rand(batch_size, 3, clip_frames, frame_size, frame_size)
+    labels = torch.randint(0, num_classes, (batch_size,))
+    if task != "detect":
+        return clips, labels
+    from models.video_detector import detection_targets
+
+    corners = torch.rand(batch_size, 2) * frame_size / 2
+    sides = frame_size / 4 + torch.rand(batch_size, 2) * frame_size / 4
+    boxes = torch.cat([labels[:, None].float(), corners, corners + sides], dim=1).numpy()
+    return clips, torch.stack([detection_targets(b[None], num_classes, frame_size) for b in boxes])
 
 
 def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -99,25 +110,34 @@ def bench(
     warmup: int = 2,
     repeats: int = 5,
     check: bool = True,
+    task: str = "classify",
 ) -> list[dict]:
     """Median step times (seconds) per mode and the DP/plain ratio."""
+    from models.tasks import get_task
+    from models.video_detector import detection_loss
+
     torch.manual_seed(0)
-    x = torch.rand(batch_size, 3, clip_frames, frame_size, frame_size)
-    y = torch.randint(0, num_classes, (batch_size,))
+    x, y = random_batch(task, batch_size, num_classes, clip_frames, frame_size)
     base = factory().train()
-    criterion = nn.CrossEntropyLoss()
+    step_loss = get_task(task).step_loss
+    # (output, labels) losses, for the ghost criterion and the brute-force check
+    criterion = {"classify": nn.CrossEntropyLoss(), "detect": detection_loss}.get(task)
 
     plain = copy.deepcopy(base)
     opt = torch.optim.SGD(plain.parameters(), lr=1e-3)
 
     def plain_step() -> None:
         opt.zero_grad(set_to_none=True)
-        criterion(plain(x), y).backward()
+        step_loss(plain, x, y).backward()
         opt.step()
 
     t_plain = _time_steps(plain_step, warmup, repeats)
     rows = []
     for mode in modes:
+        if mode == "ghost" and task != "classify":
+            rows.append(dict(mode=mode, plain_s=t_plain, dp_s=float("nan"), ratio=float("nan"),
+                             clip_rel_err=float("nan"), error="ghost mode: classify only"))
+            continue
         model = copy.deepcopy(base)
         dp_opt_in = torch.optim.SGD(model.parameters(), lr=1e-3)
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
@@ -126,17 +146,18 @@ def bench(
                                poisson_sampling=False,
                                criterion=criterion if mode == "ghost" else None)
         dp_model, dp_opt = wrapped[0], wrapped[1]
-        loss_fn = wrapped[2] if mode == "ghost" else criterion
+        ghost_loss = wrapped[2] if mode == "ghost" else None
 
         def dp_step() -> None:
             dp_opt.zero_grad(set_to_none=True)
-            loss_fn(dp_model(x), y).backward()
+            loss = ghost_loss(dp_model(x), y) if ghost_loss else step_loss(dp_model, x, y)
+            loss.backward()
             dp_opt.step()
 
         try:
             t_dp = _time_steps(dp_step, warmup, repeats)
             err = (check_per_sample_clipping(factory, x[:8], y[:8], mode, criterion)
-                   if check else float("nan"))
+                   if check and criterion is not None else float("nan"))
             rows.append(dict(mode=mode, plain_s=t_plain, dp_s=t_dp, ratio=t_dp / t_plain,
                              clip_rel_err=err, error=None))
         except Exception as exc:  # report, keep benchmarking the other modes
@@ -148,6 +169,7 @@ def bench(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="classify", choices=("classify", "detect", "generate", "enhance"))
     p.add_argument("--model", default="cnn3d", help="registry model name, or 'standin'")
     p.add_argument("--size", default="tiny")
     p.add_argument("--num-classes", type=int, default=5)
@@ -163,17 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     name = a.model
-    try:
-        factory = model_factory(name, a.size, a.num_classes, a.clip_frames, a.frame_size)
-    except ImportError:
-        print("models.registry not importable: using the stand-in model")
-        name, factory = "standin", model_factory("standin", a.size, a.num_classes, 0, 0)
-    factory = frozen(factory, a.trainable_layers)
+    factory = frozen(model_factory(name, a.size, a.num_classes, a.clip_frames, a.frame_size, a.task),
+                     a.trainable_layers)
     warnings.filterwarnings("ignore")
     rows = bench(factory, a.batch_size, a.num_classes, a.clip_frames, a.frame_size,
-                 tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check)
+                 tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check, task=a.task)
     params = sum(p.numel() for p in factory().parameters() if p.requires_grad)
-    print(f"model={name} size={a.size} params={params} batch={a.batch_size} "
+    print(f"task={a.task} model={name} size={a.size} params={params} batch={a.batch_size} "
           f"input=(B,3,{a.clip_frames},{a.frame_size},{a.frame_size}) "
           f"threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'}")
     print(f"{'mode':<10} {'plain ms':>9} {'dp ms':>9} {'dp/plain':>9} {'clip err':>9}")

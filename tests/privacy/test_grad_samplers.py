@@ -1,0 +1,76 @@
+"""The grouped-convolution per-sample gradients against Opacus's unfold-and-einsum and against
+one backward pass per example: a wrong per-sample gradient is a wrong clip, so a wrong epsilon."""
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
+
+from privacy.dp_training import check_per_sample_clipping
+from privacy.grad_samplers import conv_grad_sample
+
+LAYERS = [
+    lambda: nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1),
+    lambda: nn.Conv3d(4, 6, (1, 3, 3), stride=2, padding=(0, 1, 1), bias=False),
+    lambda: nn.Conv3d(4, 6, 3, dilation=2, padding=2, groups=2),
+    lambda: nn.Conv3d(6, 6, 2, groups=6),  # depthwise
+    lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(4, 8, (3, 5), dilation=(2, 1), padding=(1, 0), groups=4),
+]
+
+
+def per_sample_inputs(layer: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    spatial = (5, 9, 9) if isinstance(layer, nn.Conv3d) else (11, 11)
+    x = torch.randn(n, layer.in_channels, *spatial)
+    return x, torch.randn_like(layer(x))
+
+
+@pytest.mark.parametrize("make_layer", LAYERS)
+@pytest.mark.parametrize("n", [1, 5])
+def test_matches_opacus_unfold_einsum(make_layer, n):
+    torch.manual_seed(0)
+    layer = make_layer()
+    x, backprops = per_sample_inputs(layer, n)
+    got = conv_grad_sample(layer, [x], backprops)
+    expected = compute_conv_grad_sample(layer, [x], backprops)
+    assert got.keys() == expected.keys()
+    for p, g in got.items():
+        assert g.shape == (n, *p.shape)
+        torch.testing.assert_close(g, expected[p], rtol=1e-4, atol=1e-5)
+
+
+def test_a_frozen_weight_gets_no_per_sample_gradient():
+    layer = nn.Conv3d(3, 4, 3, padding=1)
+    layer.weight.requires_grad_(False)
+    x, backprops = per_sample_inputs(layer, 3)
+    got = conv_grad_sample(layer, [x], backprops)
+    assert list(got) == [layer.bias]
+    torch.testing.assert_close(got[layer.bias], backprops.sum((2, 3, 4)))
+
+
+def test_hooks_mode_uses_it():
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv3d] is conv_grad_sample
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
+
+
+class ConvNet(nn.Module):
+    """Strided, dilated, grouped and 'same'-padded convolutions (the last goes to Opacus's own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(2, 8), nn.GELU(),
+            nn.Conv3d(8, 8, 3, dilation=2, padding=2, groups=4), nn.GELU(),
+            nn.Conv3d(8, 8, 3, padding="same"), nn.GELU(),
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, clips):
+        return self.head(self.body(clips).mean((2, 3, 4)))
+
+
+def test_dp_step_clips_each_example_as_one_backward_per_example_does():
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 3, 4, 12, 12), torch.randint(0, 4, (6,))
+    assert check_per_sample_clipping(ConvNet, x, y, "hooks") < 1e-4

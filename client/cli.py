@@ -77,6 +77,7 @@ def cmd_ledger_key(args: argparse.Namespace) -> int:
 DP_RECIPES = {
     ("classify", "cnn3d"): ' trainable-layers="head" learning-rate=0.1 ema-decay=0.5',
     ("detect", "cnn3d"): ' trainable-layers="heatmap,box" learning-rate=0.01',
+    ("generate", "cnn3d"): ' trainable-layers="film" learning-rate=0.01',
 }
 
 
@@ -97,8 +98,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"{args.out}: {config.task}/{config.model}-{config.model_size} on {result['train-clips']} public clips "
           f"of {result['public-data']} ({', '.join(result['classes'])}); kept epoch {result['chosen-epoch']} "
           f"of {result['epochs']}, the best held out: {headline}")
+    task = f'task="{config.task}" ' if config.task != "classify" else ""  # classify is the default
     recipe = DP_RECIPES.get((config.task, config.model), "")
-    print(f"start a federation from it: fedvid simulate --run-config 'init-from=\"{args.out}\"{recipe}'")
+    print(f"start a federation from it: fedvid simulate --run-config '{task}init-from=\"{args.out}\"{recipe}'")
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -352,7 +353,12 @@ def train_units(
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             if batch.fields:
-                step_loss(model, *[t.to(device) for t in batch.fields]).backward()
+                with warnings.catch_warnings():
+                    # A trained layer whose input needs no gradient (the clip, a frozen layer's
+                    # output): Opacus's hooks fire on its output's gradient, all they need.
+                    warnings.filterwarnings("ignore", "Full backward hook is firing when gradients are computed "
+                                            "with respect to module outputs", UserWarning)
+                    step_loss(model, *[t.to(device) for t in batch.fields]).backward()
                 pool_grad_samples(model, batch.unit_index)
             else:
                 _no_rows(model)

@@ -70,7 +70,19 @@ class ConvNet(nn.Module):
         return self.head(self.body(clips).mean((2, 3, 4)))
 
 
-def test_dp_step_clips_each_example_as_one_backward_per_example_does():
+def hostile_convnet() -> ConvNet:
+    """The coordinator picks the weights: convolutions scaled up a hundredfold, so every
+    example's gradient is huge and every example is clipped."""
+    model = ConvNet()
+    with torch.no_grad():
+        for layer in model.body:
+            if isinstance(layer, nn.Conv3d):
+                layer.weight.mul_(100.0)
+    return model
+
+
+@pytest.mark.parametrize("factory", [ConvNet, hostile_convnet])
+def test_dp_step_clips_each_example_as_one_backward_per_example_does(factory):
     torch.manual_seed(0)
     x, y = torch.rand(6, 3, 4, 12, 12), torch.randint(0, 4, (6,))
-    assert check_per_sample_clipping(ConvNet, x, y, "hooks") < 1e-4
+    assert check_per_sample_clipping(factory, x, y, "hooks") < 1e-4

@@ -2,32 +2,34 @@
 
 BlazeFace sees its input at 128 px (short-range model) or 192 px (full-range model), so a
 20 px face in a 1280x720 frame shrinks to 2-3 px and is missed by a whole-frame pass. The
-detector therefore runs as a pyramid: the whole frame (both models) plus overlapping tiles
-of 512, 256 and 128 px (short-range model, which finds faces down to ~10% of its input,
-smaller relative to its input than the full-range model does, at 40% of its cost). A tile
-overlap of 25% is wider than the smallest face the next coarser level finds, so a face cut
-by one level's tile border is whole inside some tile of the next level.
+detector therefore runs as a pyramid: the whole frame (both models), then the frame scaled
+so that a window of 512, 256 or 96 px becomes the network's 128 px input, scanned densely
+by the short-range network (`privacy.blazeface_dense`: every 128 px window at once, no
+overlap scanned twice). A face is found best at 15-75% of a window, so each level finds
+faces of about 0.15-0.75 of its size and the levels overlap; single images also get a 64 px
+level (14 px faces in 1280x720 frames), which a video replaces by its frequent keyframes.
 
 Which boxes count as faces is a confidence and size policy chosen on labelled negatives
 (face-free photos, textures, video; `simulations/bench_anonymize.py`): false positives on
 textures are small boxes at low scores or large boxes at scores up to ~0.6, while real
-faces are either small (and then often scored 0.3-0.5 by the 128 px tiles) or large and
-scored above 0.7. A box covering less than `small_face_area` of the frame is kept from
-`small_face_confidence`, a larger one from `min_confidence`: small false positives cost
-little area, large ones cost much.
+faces are either small (and then often scored 0.3-0.5) or large and scored above 0.7. A box
+covering less than `small_face_area` of the frame is kept from `small_face_confidence`, a
+larger one from `min_confidence`: small false positives cost little area, large ones much.
 
-A face is hidden by an ellipse, not the rectangle around it: the ellipse of a box scaled by
-`box_scale` covers hair and chin while changing ~80% of the pixels its bounding box would.
+A face is hidden by a tight rectangle, in gray: the face's box scaled by `box_scale`, blurred
+and stripped of colour. Against an ellipse with a margin it covers the corners of the face
+(brows, jaw) with less margin, and a gray rectangle does not keep the skin-coloured, head-
+shaped blob that face detectors still find after blurring; skin tone goes with it.
 
-Video is processed as a stream. The fine tile levels run only every few frames (keyframes)
-and the stream looks ahead `hold_frames` frames. A detection is tracked to the nearest
-matching detection before and after it (a linear motion model between the two), so a moving
-face found only on keyframes is covered where it is, not by a smear of held boxes; a box
-with no match on one side (a face entering, leaving, or missed) is held still there.
-A pass (the whole frame or one tile) over pixels that have not changed since it last ran
-keeps that run's boxes (`PassMemory`): on a still camera most tiles are background. MediaPipe
-runs every call of a process on one thread, so a helper process scans part of the tiles.
-Any detector error propagates: no frame is ever returned unblurred because detection failed.
+Video is processed as a stream. The fine levels run only every few frames (keyframes) and
+the stream looks ahead `hold_frames` frames. A detection is tracked to the nearest matching
+detection before and after it (a linear motion model between the two), so a moving face
+found only on keyframes is covered where it is, not by a smear of held boxes; a box with no
+match on one side (a face entering, leaving, or missed) is held still there, and the last
+frame of a video is scanned by every level. A pass looks again only at the bands of rows
+whose pixels changed since it last looked at them (`PassMemory`): on a still camera most of
+the frame is background. Any detector error propagates: no frame is ever returned unblurred
+because detection failed.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
-import struct
 import tempfile
 import weakref
 from collections import deque
@@ -50,11 +50,12 @@ import cv2
 import numpy as np
 
 from privacy.anonymize_heads import HeadFinder, HeadSettings, hide_mask, median_background
+from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace
 from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 3
+ALGORITHM_VERSION = 4
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
 # found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
@@ -88,41 +89,34 @@ class AnonymizerSettings:
         free photos and textures give large boxes at up to 0.6-0.72, real faces of 48 px and
         more score above 0.7); below it, small_face_confidence (0.3: 20 px faces in 720p
         frames score 0.3-0.5, and a small false positive changes little of the frame).
-    box_scale / box_shift_up: BlazeFace's box spans brows to mouth; the hidden ellipse is
-        inscribed in the box scaled by box_scale and moved up by box_shift_up of its height
-        (hair). ellipse=False hides the whole scaled rectangle instead.
+    box_scale / box_shift_up: the hidden rectangle is the detected box scaled by box_scale
+        and moved up by box_shift_up of its height. BlazeFace's box is 0.97x a hand-drawn
+        face box on average but varies (0.75-1.6x, centre +-5%): on the benchmark's 540
+        faces 1.4 is the smallest scale that covers all of them (1.3: 98.7%, 1.2: 94.1%).
+        ellipse=True hides the ellipse inscribed in the scaled box instead.
     blur: "gaussian" (sigma = region width / 3), "pixelate" (pixel_blocks across) or "fill"
-        (the region's mean colour).
+        (the region's mean); keep_colour=False turns the hidden region gray, which took
+        BlazeFace full-range's re-detection of blurred faces from 7% to 2.6% at score 0.3.
     hold_frames: a detection also covers this many frames before and after its own.
-    tile_sizes / tile_every: pyramid tile edges in pixels and, for each, on every how many
-        frames of a video it runs. The 128 px level finds faces of 14-40 px in 1280x720
-        frames; the 256 and 512 px levels find 48 px and larger, which the whole-frame
-        passes (every frame) and the tracker also carry, so they can run less often. On the
-        benchmark's 1280x720 video of drifting, turning faces of 14-200 px (`bench_anonymize`,
-        curve), (2, 4, 4) with hold 4 covers as many face-frames as (1, 2, 4) (97.0%, 14 px:
-        88%, over 120 frames) with fewer passes; running the 128 px level every 2nd frame
-        (2, 4, 2) covered 97.3% at ~0.8x the frames/s. Levels whose tile is not smaller
-        than the frame are skipped: small training frames get one whole-frame pass, which
-        BlazeFace upsamples to its input size by itself.
-    image_tile_sizes: further, finer levels run on single images only (with every level of
-        tile_sizes): 80 px tiles find 97% of 14 px faces in 1280x720 stills (the 128 px
-        level alone 34%) at 2.6x the time per image; in a video the frequent 128 px scans
-        and the hold cover small faces instead (93%), at a cost a video can pay.
-    tile_overlap: overlap of neighbouring tiles as a fraction of the tile edge.
+    window_sizes / window_every: pyramid levels (the window of the frame that the network's
+        128 px input sees) and, for each, on every how many frames of a video it runs. The
+        96 px level finds faces of 14-96 px in 1280x720 frames, the 256 and 512 px levels
+        32 px and larger; the whole-frame passes run on every frame. Levels whose window is
+        not smaller than the frame are skipped: small training frames get the whole-frame
+        passes only. The recall and frames/s of other schedules: `bench_anonymize`, curve.
+    image_window_sizes / image_window_confidence: further, finer levels run on single
+        images only, whose boxes need image_window_confidence: 64 px windows find every
+        14 px face of the benchmark's 1280x720 stills (the 96 px level alone 79%); in a
+        video the keyframes and the hold cover small faces instead.
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
-    reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass (the whole
-        frame or one tile) whose pixels have not changed since it last ran keeps what that
-        run found instead of running again: no 16 px block of it (gray, mean absolute
-        difference) moved by more than change_threshold grey levels, and it ran at most
-        reuse_max_frames frames ago. A face that appears, moves or turns changes its blocks
-        by tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
-        differ by at most 4 levels between frames 16 apart. On a still camera most tiles
-        are background, so most of the pyramid is skipped; on a moving camera nothing is.
-    processes: how many processes run the short-range model on tiles (this one and
-        processes - 1 helpers, started on the first frame that has more than a few tiles to
-        scan, never for small training frames). MediaPipe serialises every call of a
-        process on one thread, so a second process is what uses a second core. It changes
-        speed, not output; 1 runs everything here.
+    reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass looks again
+        only at the bands of rows (one window high) where some 16 px block (gray, mean
+        absolute difference) moved by more than change_threshold grey levels since it last
+        looked, or that it last looked at more than reuse_max_frames frames ago; elsewhere
+        it keeps what it found. A face that appears, moves or turns changes its blocks by
+        tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
+        differ by at most 4 levels between frames 16 apart.
+    threads: LiteRT's threads for the dense network (0: one per core). Speed, not output.
     model_dir / short_range_model / full_range_model: where the models come from; see
         `privacy.face_models.verified_face_models` (own files skip the pinned hash check).
     heads: also hide the heads of moving people in videos (None: faces only); see
@@ -133,22 +127,22 @@ class AnonymizerSettings:
     small_face_confidence: float = 0.3
     small_face_area: float = 0.001
     min_face_px: int = 8
-    box_scale: float = 1.6
-    box_shift_up: float = 0.1
-    ellipse: bool = True
+    box_scale: float = 1.4
+    box_shift_up: float = 0.05
+    ellipse: bool = False
     blur: str = "gaussian"
-    pixel_blocks: int = 6
+    keep_colour: bool = False
+    pixel_blocks: int = 4
     hold_frames: int = 4
-    tile_sizes: tuple[int, ...] = (512, 256, 128)
-    tile_every: tuple[int, ...] = (2, 4, 4)
-    image_tile_sizes: tuple[int, ...] = (80,)
-    image_tile_confidence: float = 0.45
-    tile_overlap: float = 0.25
+    window_sizes: tuple[int, ...] = (512, 256, 96)
+    window_every: tuple[int, ...] = (2, 4, 4)
+    image_window_sizes: tuple[int, ...] = (64,)
+    image_window_confidence: float = 0.45
     nms_iou: float = 0.3
     reuse_unchanged: bool = True
     change_threshold: float = 6.0
     reuse_max_frames: int = 30
-    processes: int = 2
+    threads: int = 0
     model_dir: Path | None = None
     short_range_model: Path | None = None
     full_range_model: Path | None = None
@@ -166,24 +160,22 @@ class AnonymizerSettings:
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
-        for name in ("min_confidence", "small_face_confidence", "image_tile_confidence"):
+        for name in ("min_confidence", "small_face_confidence", "image_window_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_face_area < 1.0:
             raise ValueError(f"small_face_area must be in [0, 1), got {self.small_face_area}")
-        if self.processes < 1:
-            raise ValueError(f"processes must be at least 1, got {self.processes}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: one per core), got {self.threads}")
         if self.box_scale < 1.0:
             raise ValueError(f"box_scale must be >= 1, got {self.box_scale}")
-        if len(self.tile_sizes) != len(self.tile_every) or min(self.tile_every, default=1) < 1:
-            raise ValueError("tile_every needs one positive entry per tile size")
-        if min(self.tile_sizes + self.image_tile_sizes, default=64) < 64:
-            raise ValueError("tile sizes below 64 px cost much and find nothing more")
-        if not 0.0 <= self.tile_overlap < 0.5:
-            raise ValueError(f"tile_overlap must be in [0, 0.5), got {self.tile_overlap}")
+        if len(self.window_sizes) != len(self.window_every) or min(self.window_every, default=1) < 1:
+            raise ValueError("window_every needs one positive entry per window size")
+        if min(self.window_sizes + self.image_window_sizes, default=32) < 32:
+            raise ValueError("window sizes below 32 px (frames scaled up 4x) find nothing more")
         # A level that skips frames relies on the hold to cover the frames in between.
-        if self.hold_frames < max(self.tile_every, default=1) - 1:
-            raise ValueError("hold_frames must be at least max(tile_every) - 1, or faces "
+        if self.hold_frames < max(self.window_every, default=1) - 1:
+            raise ValueError("hold_frames must be at least max(window_every) - 1, or faces "
                              "found only on keyframes would flicker unblurred")
 
 
@@ -210,7 +202,7 @@ class FaceDetectorLike(Protocol):
 
     model_sha256: dict[str, str]
 
-    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int],
+    def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
                memory: "PassMemory | None" = None) -> list[Box]: ...
 
 
@@ -271,19 +263,9 @@ def is_face(box: Box, frame_area: int, settings: AnonymizerSettings) -> bool:
     return box.score >= (settings.small_face_confidence if small else settings.min_confidence)
 
 
-def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of edge `tile` covering [0, length) with at least the given
-    fractional overlap, spread evenly so the last tile ends at the border."""
-    if length <= tile:
-        return [0]
-    step = tile * (1.0 - overlap)
-    count = int(np.ceil((length - tile) / step)) + 1
-    return [int(round(i * (length - tile) / (count - 1))) for i in range(count)]
-
-
 def merge_boxes(boxes: Sequence[Box], iou_threshold: float) -> list[Box]:
     """Non-maximum suppression: keep the best-scoring box of each overlapping group. A box
-    lying 80% inside a kept one is dropped too (a face cut by a tile border)."""
+    lying 80% inside a kept one is dropped too (a face found whole and in part)."""
     kept: list[Box] = []
     for box in sorted(boxes, key=lambda b: -b.score):
         if all(not _overlaps(box, other, iou_threshold) for other in kept):
@@ -301,247 +283,137 @@ def _overlaps(box: Box, other: Box, iou_threshold: float) -> bool:
     return iou > iou_threshold or inter > 0.8 * min(box.area, other.area)
 
 
-class TiledFaceDetector:
-    """BlazeFace short- and full-range models run over a tile pyramid of each frame."""
+class PyramidFaceDetector:
+    """BlazeFace over a pyramid of each frame: the whole frame with MediaPipe's full-range
+    detector and with the short-range network, then the short-range network run densely
+    (`DenseBlazeFace`) over the frame scaled by 128 / size for each window size."""
 
     def __init__(self, settings: AnonymizerSettings):
-        """Load both models once; raises FaceModelError if one is missing or unloadable."""
+        """Load the models once; raises FaceModelError if one is missing or unloadable."""
         self.settings = settings
         paths = verified_face_models(settings.model_dir, settings.short_range_model,
                                      settings.full_range_model, keys=("short_range", "full_range"))
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
-        threshold = min(settings.min_confidence, settings.small_face_confidence)
-        self._short_range_path, self._threshold = paths["short_range"], threshold
-        self._helpers: _TileHelpers | None = None
-        self.short_range = _load_blazeface(paths["short_range"], threshold)
-        try:
-            self.full_range = _load_blazeface(paths["full_range"], threshold)
-        except FaceModelError:
-            self.short_range.close()
-            raise
+        self._threshold = min(settings.min_confidence, settings.small_face_confidence)
+        self.short_range = DenseBlazeFace(paths["short_range"], threads=settings.threads)
+        self.full_range = _load_blazeface(paths["full_range"], self._threshold)
         # Close at interpreter exit while MediaPipe still works (its __del__ fails later).
-        self._finalizers = [weakref.finalize(self, _close_quietly, model)
-                            for model in (self.short_range, self.full_range)]
+        self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
 
     def close(self) -> None:
-        """Release the MediaPipe tasks and stop the helper processes."""
-        if self._helpers is not None:
-            self._helpers.close()
-            self._helpers = None
-        for finalizer in self._finalizers:
-            finalizer()
+        """Release the MediaPipe task."""
+        self._finalizer()
 
-    def detect(self, rgb: np.ndarray, tile_sizes: Sequence[int],
+    def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
                memory: "PassMemory | None" = None) -> list[Box]:
-        """Faces in an RGB uint8 frame: whole frame with both models, then tiles of each
-        size in `tile_sizes` (that is smaller than the frame) with the short-range model.
-        `memory` (one per video): passes over unchanged pixels reuse their last result."""
+        """Faces in an RGB uint8 frame: the whole frame with both models, then, for each
+        size in `window_sizes` smaller than the frame, every 128 px window of the frame
+        scaled by 128 / size. `memory` (one per video): a pass looks again only at the bands
+        of rows whose pixels changed since it last looked at them, and keeps what it found
+        in the others."""
         height, width = rgb.shape[:2]
         if memory is not None:
             memory.next_frame(rgb)
-        passes = [("whole-short", 0, 0, width, height), ("whole-full", 0, 0, width, height)]
-        for tile in tile_sizes:
-            if tile >= max(width, height):
+        boxes = self._whole_frame(rgb, memory)
+        for size in window_sizes:
+            if size >= max(width, height):
                 continue
-            for y in tile_origins(height, tile, self.settings.tile_overlap):
-                for x in tile_origins(width, tile, self.settings.tile_overlap):
-                    passes.append(("tile", x, y, tile, tile))
-        results: list[list[Box] | None] = [
-            memory.recall(key) if memory is not None else None for key in passes]
-        todo = [i for i, found in enumerate(results) if found is None]
-        # Tiles for the helper processes: all but every n-th short-range tile still to scan.
-        tiles = [i for i in todo if passes[i][0] == "tile"]
-        helpers = self._helpers_for(len(tiles))
-        # This process also runs the whole-frame passes (~5 tiles' worth at 720p).
-        n = self.settings.processes
-        share = min(len(tiles), (len(tiles) + 5 * (len(todo) - len(tiles))) * (n - 1) // n)
-        sent = tiles[len(tiles) - share:] if helpers is not None else []
-        try:
-            pending = helpers.detect(rgb, [passes[i] for i in sent]) if sent else []
-            remote = set(sent)
-            for i in todo:
-                if i in remote:
-                    continue
-                model, x, y, w, h = passes[i]
-                results[i] = self._run(self.full_range if model == "whole-full"
-                                       else self.short_range, rgb[y:y + h, x:x + w], x, y)
-            for helper, chunk in pending:
-                for i, found in zip(chunk, helpers.collect(helper)):  # raises its error
-                    results[sent[i]] = found
-        except BaseException:
-            # Replies still in a pipe would be read as the next frame's: start afresh.
-            if self._helpers is not None:
-                self._helpers.close()
-                self._helpers = None
-            raise
-        boxes: list[Box] = []
-        scanned = set(todo)
-        for i, (key, found) in enumerate(zip(passes, results)):
-            if i in scanned:
-                if key[0] == "tile" and key[3] in self.settings.image_tile_sizes:
-                    found = [box for box in found
-                             if box.score >= self.settings.image_tile_confidence]
-                if memory is not None:
-                    memory.store(key, found)
+            found = self._level(rgb, size, memory)
+            if size in self.settings.image_window_sizes:
+                found = [box for box in found if box.score >= self.settings.image_window_confidence]
             boxes += found
         boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
 
-    def _helpers_for(self, tiles: int) -> "_TileHelpers | None":
-        """The helper processes, started when a frame has enough tiles to share."""
-        if self.settings.processes < 2 or tiles < 4:
-            return None
-        if self._helpers is None:
-            self._helpers = _TileHelpers(self._short_range_path, self._threshold,
-                                         self.settings.processes - 1)
-        return self._helpers
-
-    @staticmethod
-    def _run(model, rgb: np.ndarray, x0: int, y0: int) -> list[Box]:
-        import mediapipe as mp
-
-        image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+    def _whole_frame(self, rgb: np.ndarray, memory: "PassMemory | None") -> list[Box]:
         height, width = rgb.shape[:2]
-        found = []
-        for detection in model.detect(image).detections:
-            bb = detection.bounding_box
-            x, y = max(bb.origin_x, 0), max(bb.origin_y, 0)
-            w = min(bb.origin_x + bb.width, width) - x
-            h = min(bb.origin_y + bb.height, height) - y
-            if w > 0 and h > 0:
-                found.append(Box(x + x0, y + y0, w, h, float(detection.categories[0].score)))
+        if memory is not None and not memory.stale_bands("whole", max(height, width)).any():
+            return memory.boxes("whole")
+        found = self._scan(rgb, max(height, width), 0, height) + _mediapipe_boxes(self.full_range, rgb)
+        if memory is not None:
+            memory.update("whole", 0, height, found)
         return found
 
+    def _level(self, rgb: np.ndarray, size: int, memory: "PassMemory | None") -> list[Box]:
+        height = rgb.shape[0]
+        if memory is None:
+            return self._scan(rgb, size, 0, height)
+        # Each run of stale bands (rows `size` px high: one window) is scanned with half a
+        # window of rows around it, so that a face centred in it is seen whole, in context.
+        stale = memory.stale_bands(size, size)
+        boxes = memory.boxes(size) if memory.has(size) else []
+        for first, last in _runs(stale):
+            top, bottom = first * size, min((last + 1) * size, height)
+            found = self._scan(rgb, size, max(top - size // 2, 0), min(bottom + size // 2, height))
+            boxes = memory.update(size, top, bottom, found)
+        return boxes
+
+    def _scan(self, rgb: np.ndarray, size: int, top: int, bottom: int) -> list[Box]:
+        """Boxes in rows [top, bottom) of the frame, seen at scale 128 / size."""
+        scale = INPUT_SIZE / size
+        rows = rgb[top:bottom]
+        scaled = (max(1, round(rows.shape[1] * scale)), max(1, round(rows.shape[0] * scale)))
+        if scale != 1.0:
+            rows = cv2.resize(rows, scaled, interpolation=cv2.INTER_AREA if scale < 1.0
+                              else cv2.INTER_LINEAR)
+        found = self.short_range.detect(rows, self._threshold)
+        found[:, :4] /= scale
+        return _boxes(found, 0, top, rgb.shape)
 
 
-def _send(stream, message) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
+def _runs(stale: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) index of each run of True values."""
+    runs, start = [], None
+    for index, value in enumerate(list(stale) + [False]):
+        if value and start is None:
+            start = index
+        elif not value and start is not None:
+            runs.append((start, index - 1))
+            start = None
+    return runs
 
 
-def _receive(stream):
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("the other end closed the pipe")
-    (size,) = struct.unpack("<Q", head)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("the other end closed the pipe")
-    return pickle.loads(data)
+def _mediapipe_boxes(model, rgb: np.ndarray) -> list[Box]:
+    import mediapipe as mp
+
+    image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+    rows = [(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
+             d.bounding_box.height, d.categories[0].score)
+            for d in model.detect(image).detections]
+    return _boxes(np.array(rows, np.float32).reshape(-1, 5), 0, 0, rgb.shape)
 
 
-def helper_main() -> None:
-    """Body of a tile helper process (see `_TileHelpers`): reads the model path and
-    threshold, then lists of (tile, x, y) on stdin; writes ("ok", boxes per tile) or
-    ("error", text) for each to its original stdout. Native libraries' output goes to
-    stderr, so that it cannot corrupt the replies."""
-    import sys
-
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    requests = sys.stdin.buffer
-    path, threshold = _receive(requests)
-    try:
-        model = _load_blazeface(Path(path), threshold)
-    except FaceModelError as exc:
-        _send(replies, ("error", str(exc)))
-        return
-    _send(replies, ("ok", None))
-    while True:
-        try:
-            tiles = _receive(requests)
-        except EOFError:
-            return
-        try:
-            _send(replies, ("ok", [TiledFaceDetector._run(model, t, x, y) for t, x, y in tiles]))
-        except Exception as exc:  # reported to the parent, which raises it
-            _send(replies, ("error", f"{type(exc).__name__}: {exc}"))
-
-
-class _TileHelpers:
-    """Processes, each with its own short-range model, that scan tiles for the detector.
-    Plain subprocesses on pipes (not multiprocessing: its "spawn" re-runs the caller's main
-    script, and MediaPipe's threads do not survive a fork). A helper's error, or a helper
-    that dies, raises in `collect`: detection fails closed."""
-
-    def __init__(self, path: Path, threshold: float, count: int):
-        import subprocess
-        import sys
-
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        command = [sys.executable, "-c", "from privacy.anonymize import helper_main; helper_main()"]
-        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, env=env)
-                      for _ in range(count)]
-        self._started = [False] * count
-        self._finalizer = weakref.finalize(self, _stop_helpers, self.procs)
-        for proc in self.procs:
-            _send(proc.stdin, (str(path), threshold))
-
-    def detect(self, rgb: np.ndarray, passes: list[tuple]) -> list[tuple[int, list[int]]]:
-        """Send the tile passes, split over the helpers: [(helper, indices into passes)]."""
-        sent = []
-        for k, proc in enumerate(self.procs):
-            chunk = list(range(k, len(passes), len(self.procs)))
-            if chunk:
-                tiles = [(np.ascontiguousarray(rgb[y:y + h, x:x + w]), x, y)
-                         for _, x, y, w, h in (passes[i] for i in chunk)]
-                _send(proc.stdin, tiles)
-                sent.append((k, chunk))
-        return sent
-
-    def collect(self, helper: int) -> list[list[Box]]:
-        """The boxes of each tile sent to one helper, in order."""
-        proc = self.procs[helper]
-        try:
-            if not self._started[helper]:
-                self._check(_receive(proc.stdout))
-                self._started[helper] = True
-            return self._check(_receive(proc.stdout))
-        except EOFError as exc:
-            raise RuntimeError(f"face detector helper process exited ({proc.poll()})") from exc
-
-    @staticmethod
-    def _check(reply):
-        status, value = reply
-        if status != "ok":
-            raise FaceModelError(value) if "face model" in value else RuntimeError(value)
-        return value
-
-    def close(self) -> None:
-        """Stop the helper processes."""
-        self._finalizer()
-
-
-def _stop_helpers(procs) -> None:
-    for proc in procs:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    for proc in procs:
-        try:
-            proc.wait(timeout=5)
-        except Exception:
-            proc.kill()
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
+def _boxes(rows: np.ndarray, x0: int, y0: int, shape: tuple[int, ...]) -> list[Box]:
+    """Boxes from (x, y, w, h, score) rows found at offset (x0, y0), clipped to the frame."""
+    height, width = shape[:2]
+    found = []
+    for x, y, w, h, score in rows:
+        left, top = max(int(round(x)) + x0, 0), max(int(round(y)) + y0, 0)
+        right = min(int(round(x + w)) + x0, width)
+        bottom = min(int(round(y + h)) + y0, height)
+        if right > left and bottom > top:
+            found.append(Box(left, top, right - left, bottom - top, float(score)))
+    return found
 
 
 class PassMemory:
-    """What each detector pass (the whole frame, or one tile) of one video saw and found the
-    last time it ran, so that a pass over pixels that have not changed since is skipped.
+    """What each pass over one video (the whole-frame pass, each pyramid level) saw and found
+    when it last looked at each part of the frame, so that only the parts whose pixels
+    changed since are scanned again.
 
     Pixels are compared in gray at a quarter of the frame's size (frames under 256 px at
-    full size), by 4x4 blocks of that (16 px blocks of a large frame): a pass is unchanged
-    when no block's mean absolute difference exceeds `threshold` grey levels against the
-    frame it last ran on, and it ran at most `max_frames` frames ago."""
+    full size), in blocks of 4x4 of those (16 px blocks of a large frame): a block is stale
+    for a pass when its mean absolute difference from what the pass last saw there exceeds
+    `threshold` grey levels, or the pass last looked at it more than `max_frames` frames
+    ago. A pass scans bands of whole rows; a band is stale when any block in it is."""
 
     def __init__(self, threshold: float, max_frames: int):
         self.threshold, self.max_frames = threshold, max_frames
-        self._passes: dict[tuple, tuple[int, np.ndarray, list[Box]]] = {}
         self._index = -1
         self._gray: np.ndarray | None = None
         self._scale = 1
+        # Per pass: the gray it last saw, the frame index per block, the boxes it found.
+        self._seen: dict[object, tuple[np.ndarray, np.ndarray, list[Box]]] = {}
 
     def next_frame(self, rgb: np.ndarray) -> None:
         """Start a new frame (RGB uint8)."""
@@ -553,28 +425,53 @@ class PassMemory:
                               interpolation=cv2.INTER_AREA)
         self._gray = gray
 
-    def _crop(self, key: tuple) -> np.ndarray:
-        _, x, y, w, h = key
-        k = self._scale
-        return self._gray[y // k:(y + h) // k, x // k:(x + w) // k]
+    def has(self, key) -> bool:
+        """Whether pass `key` has looked at this video before."""
+        return key in self._seen
 
-    def recall(self, key: tuple) -> list[Box] | None:
-        """The boxes this pass found when it last ran, if its pixels have not changed."""
-        seen = self._passes.get(key)
-        if seen is None or self._index - seen[0] > self.max_frames:
-            return None
-        crop = self._crop(key)
-        if crop.shape != seen[1].shape:
-            return None
-        diff = cv2.absdiff(crop, seen[1])
-        if diff.shape[0] >= 4 and diff.shape[1] >= 4:
-            diff = cv2.resize(diff, (diff.shape[1] // 4, diff.shape[0] // 4),
-                              interpolation=cv2.INTER_AREA)
-        return seen[2] if float(diff.max(initial=0)) <= self.threshold else None
+    def boxes(self, key) -> list[Box]:
+        """The boxes pass `key` found when it last looked at each part of the frame."""
+        return list(self._seen[key][2])
 
-    def store(self, key: tuple, boxes: list[Box]) -> None:
-        """Record what a pass found on the current frame."""
-        self._passes[key] = (self._index, self._crop(key).copy(), boxes)
+    def stale_bands(self, key, band: int) -> np.ndarray:
+        """For bands of `band` frame rows from the top: whether pass `key` must look again."""
+        stale_rows = self._stale(key).any(axis=1)
+        per_band = max(1, band // (4 * self._scale))
+        count = -(-len(stale_rows) // per_band)
+        padded = np.zeros(count * per_band, bool)
+        padded[:len(stale_rows)] = stale_rows
+        return padded.reshape(count, per_band).any(axis=1)
+
+    def update(self, key, top: int, bottom: int, found: list[Box]) -> list[Box]:
+        """Pass `key` looked at frame rows [top, bottom) and found `found` (boxes centred
+        elsewhere are ignored); return all the boxes it now holds for the frame."""
+        inside = lambda box: top <= box.y + box.h / 2 < bottom
+        block = 4 * self._scale
+        rows = slice(top // block, -(-bottom // block))
+        stale = self._stale(key)
+        if key in self._seen and self._seen[key][0].shape == self._gray.shape:
+            gray, indices, old = self._seen[key]
+            gray, indices = gray.copy(), indices.copy()
+        else:
+            gray, indices, old = self._gray.copy(), np.full(stale.shape, -(1 << 30)), []
+        gray[rows.start * 4:rows.stop * 4] = self._gray[rows.start * 4:rows.stop * 4]
+        indices[rows] = self._index
+        boxes = [box for box in old if not inside(box)] + [box for box in found if inside(box)]
+        self._seen[key] = (gray, indices, boxes)
+        return list(boxes)
+
+    def _stale(self, key) -> np.ndarray:
+        """Block mask of what pass `key` must look at again."""
+        rows, cols = -(-self._gray.shape[0] // 4), -(-self._gray.shape[1] // 4)
+        seen = self._seen.get(key)
+        if seen is None or seen[0].shape != self._gray.shape:
+            return np.ones((rows, cols), bool)
+        diff = cv2.absdiff(self._gray, seen[0])
+        padded = np.zeros((rows * 4, cols * 4), np.float32)
+        padded[:diff.shape[0], :diff.shape[1]] = diff
+        blocks = padded.reshape(rows, 4, cols, 4).mean(axis=(1, 3))
+        return (blocks > self.threshold) | (self._index - seen[1] > self.max_frames)
+
 
 
 # ---------------------------------------------------------------------------- hiding
@@ -594,32 +491,38 @@ def region_of(box: Box, settings: AnonymizerSettings,
 
 
 def hide_region(frame: np.ndarray, region: tuple[int, int, int, int], mode: str,
-                pixel_blocks: int = 6, ellipse: bool = False) -> None:
-    """Overwrite frame[region] in place with a blurred, pixelated or filled version: all of
-    it, or only the ellipse inscribed in it."""
+                pixel_blocks: int = 4, ellipse: bool = False, keep_colour: bool = False) -> None:
+    """Overwrite frame[region] (BGR, BGRA or gray) in place with a blurred, pixelated or
+    filled version, in gray unless `keep_colour`: all of it, or only the ellipse inscribed
+    in it. An alpha channel is left as it is."""
     x0, y0, x1, y1 = region
     patch = frame[y0:y1, x0:x1]
     if patch.size == 0:
         return
+    if patch.ndim == 3 and not keep_colour:
+        patch = patch[..., :3]
+        source = cv2.cvtColor(patch, cv2.COLOR_BGR2GRAY)
+    else:
+        source = patch
     if mode == "gaussian":
-        hidden = _strong_gaussian(patch)
+        hidden = _strong_gaussian(source)
     elif mode == "pixelate":
-        blocks_w = max(1, min(pixel_blocks, patch.shape[1]))
-        blocks_h = max(1, round(blocks_w * patch.shape[0] / patch.shape[1]))
-        small = cv2.resize(patch, (blocks_w, blocks_h), interpolation=cv2.INTER_AREA)
-        hidden = cv2.resize(small, (patch.shape[1], patch.shape[0]),
+        blocks_w = max(1, min(pixel_blocks, source.shape[1]))
+        blocks_h = max(1, round(blocks_w * source.shape[0] / source.shape[1]))
+        small = cv2.resize(source, (blocks_w, blocks_h), interpolation=cv2.INTER_AREA)
+        hidden = cv2.resize(small, (source.shape[1], source.shape[0]),
                             interpolation=cv2.INTER_NEAREST)
     elif mode == "fill":
-        hidden = np.broadcast_to(patch.reshape(-1, *patch.shape[2:]).mean(axis=0)
-                                 .astype(frame.dtype), patch.shape)
+        hidden = np.broadcast_to(source.reshape(-1, *source.shape[2:]).mean(axis=0)
+                                 .astype(frame.dtype), source.shape)
     else:
         raise ValueError(f"unknown blur mode {mode!r}")
+    hidden = hidden.reshape(source.shape + (1,) * (patch.ndim - source.ndim))  # gray over BGR
     if ellipse:
         inside = ellipse_mask(patch.shape[1], patch.shape[0])
-        np.copyto(patch, hidden.reshape(patch.shape),
-                  where=inside.reshape(inside.shape + (1,) * (patch.ndim - 2)))
+        np.copyto(patch, hidden, where=inside.reshape(inside.shape + (1,) * (patch.ndim - 2)))
     else:
-        patch[...] = hidden.reshape(patch.shape)
+        patch[...] = hidden
 
 
 def ellipse_mask(width: int, height: int) -> np.ndarray:
@@ -636,14 +539,15 @@ def hide_faces(image: np.ndarray, boxes: Sequence[Box], settings: AnonymizerSett
     # A rectangle inside another is hidden by it; an ellipse need not be.
     regions = sorted(set(regions)) if settings.ellipse else _drop_contained(regions)
     for region in regions:
-        hide_region(out, region, settings.blur, settings.pixel_blocks, settings.ellipse)
+        hide_region(out, region, settings.blur, settings.pixel_blocks, settings.ellipse,
+                    settings.keep_colour)
     return out
 
 
 def _strong_gaussian(patch: np.ndarray) -> np.ndarray:
     """Gaussian blur with sigma = patch width / 3: at /6 and /4 BlazeFace still finds the
-    blurred head (a skin-coloured blob under hair) at score 0.56-0.59. Large patches are
-    blurred at a 12 px wide working size and scaled back: the same at a fraction of the cost."""
+    blurred head at score 0.56-0.59. Large patches are blurred at a 12 px wide working size
+    and scaled back: the same at a fraction of the cost."""
     height, width = patch.shape[:2]
     work_w = min(width, 12)
     work_h = max(1, round(height * work_w / width))
@@ -665,7 +569,7 @@ class FaceAnonymizer:
         """Load the detectors once. Fails closed: raises FaceModelError when a model is
         missing, corrupt or does not load. `detector` replaces the BlazeFace pyramid (tests)."""
         self.settings = settings or AnonymizerSettings()
-        self.detector = detector if detector is not None else TiledFaceDetector(self.settings)
+        self.detector = detector if detector is not None else PyramidFaceDetector(self.settings)
 
     def close(self) -> None:
         """Release the detector's native resources."""
@@ -683,7 +587,7 @@ class FaceAnonymizer:
         """Hex digest of the settings, the models' SHA-256 and the algorithm version: equal
         keys mean equal output, so caches of anonymized clips can be keyed on it."""
         values = dataclasses.asdict(self.settings)
-        for name in ("model_dir", "short_range_model", "full_range_model", "processes"):
+        for name in ("model_dir", "short_range_model", "full_range_model", "threads"):
             values.pop(name)  # where the models lie does not matter, their bytes do
         values["models"] = dict(sorted(self.detector.model_sha256.items()))
         values["algorithm_version"] = ALGORITHM_VERSION
@@ -693,7 +597,7 @@ class FaceAnonymizer:
     def detect(self, image: np.ndarray) -> list[Box]:
         """Face boxes (pixel coordinates, with score) in one BGR or gray uint8 image, using
         every pyramid level, the image-only ones too."""
-        sizes = tuple(self.settings.tile_sizes) + tuple(self.settings.image_tile_sizes)
+        sizes = tuple(self.settings.window_sizes) + tuple(self.settings.image_window_sizes)
         return self.detector.detect(_to_rgb(image), sizes)
 
     def anonymize_image(self, image: np.ndarray) -> tuple[np.ndarray, list[Box]]:
@@ -721,8 +625,8 @@ class FaceAnonymizer:
         done += stream.finish()
         return [item.frame for item in done], stream.stats
 
-    def _tile_sizes_for(self, frame_index: int) -> list[int]:
-        return [size for size, every in zip(self.settings.tile_sizes, self.settings.tile_every)
+    def _window_sizes_for(self, frame_index: int) -> list[int]:
+        return [size for size, every in zip(self.settings.window_sizes, self.settings.window_every)
                 if frame_index % every == 0]
 
 
@@ -758,7 +662,7 @@ class VideoStream:
         index = self._count
         self._count += 1
         boxes = self.anonymizer.detector.detect(
-            _to_rgb(frame), self.anonymizer._tile_sizes_for(index), memory=self._memory)
+            _to_rgb(frame), self.anonymizer._window_sizes_for(index), memory=self._memory)
         heads = self.heads.head_mask(frame) if self.heads is not None else None
         self._pending.append(_Pending(index, frame, boxes, heads))
         hold = self.anonymizer.settings.hold_frames
@@ -768,7 +672,16 @@ class VideoStream:
         return ready
 
     def finish(self) -> list["AnonymizedFrame"]:
-        """Return the frames still waiting for look-ahead (end of the video)."""
+        """Return the frames still waiting for look-ahead (end of the video). The last
+        frame is scanned by every pyramid level first, so that a face found only on
+        keyframes is tracked to the end of the video rather than held where it was last
+        seen."""
+        if self._pending:
+            last = self._pending[-1]
+            sizes = self.anonymizer.settings.window_sizes
+            if self.anonymizer._window_sizes_for(last.index) != list(sizes):
+                found = self.anonymizer.detector.detect(_to_rgb(last.frame), sizes)
+                last.boxes = merge_boxes(last.boxes + found, self.anonymizer.settings.nms_iou)
         return [self._emit() for _ in range(len(self._pending))]
 
     def _emit(self) -> "AnonymizedFrame":

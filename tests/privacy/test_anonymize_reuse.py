@@ -1,6 +1,6 @@
-"""Passes over unchanged pixels are skipped in a video, and skipping never costs a face: a face
-that appears on a still background is found. Helper processes that scan tiles change speed,
-not output, and a helper that dies fails detection closed."""
+"""In a video, a pass looks again only at the bands of rows whose pixels changed, and skipping
+never costs a face: a face that appears on a still background is found, and a reused band
+keeps its boxes. Threads change speed, not output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 
 import cv2
 import numpy as np
-import pytest
 from skimage import data
 
 from privacy.anonymize import Box, FaceAnonymizer, PassMemory
@@ -24,24 +23,22 @@ def still_scene() -> np.ndarray:
 
 
 def counting(anonymizer: FaceAnonymizer) -> list[int]:
-    """Count the detector passes run on each frame (wraps the real detector's _run)."""
+    """Rows of the frame scanned by the short-range network on each frame (wraps the real
+    detector's dense scan)."""
     detector = anonymizer.detector
-    calls: list[int] = []
-    real_run = detector._run
+    rows: list[int] = []
+    real_scan, real_detect = detector._scan, detector.detect
 
-    def run(model, rgb, x0, y0):
-        calls[-1] += 1
-        return real_run(model, rgb, x0, y0)
+    def scan(rgb, size, top, bottom):
+        rows[-1] += bottom - top
+        return real_scan(rgb, size, top, bottom)
 
-    detector._run = run
-    original_detect = detector.detect
+    def detect(rgb, window_sizes, memory=None):
+        rows.append(0)
+        return real_detect(rgb, window_sizes, memory=memory)
 
-    def detect(rgb, tile_sizes, memory=None):
-        calls.append(0)
-        return original_detect(rgb, tile_sizes, memory=memory)
-
-    detector.detect = detect
-    return calls
+    detector._scan, detector.detect = scan, detect
+    return rows
 
 
 def hidden(original, output, box) -> bool:
@@ -53,18 +50,38 @@ def test_passes_over_a_still_scene_run_once_then_are_reused(anon_settings, real_
     face = paste_face(scene, real_faces[0], 64, 0, (320, 180))
     frames = [scene.copy() for _ in range(8)]
     with FaceAnonymizer(anon_settings) as anonymizer:
-        calls = counting(anonymizer)
+        rows = counting(anonymizer)
         out, _ = anonymizer.anonymize_frames(frames)
-    # Frame 0 runs every level; later frames run no pass at all: nothing changed.
-    assert calls[0] > 10 and calls[1:] == [0] * 7
+    # Frame 0 scans every level over the whole frame; later frames scan nothing: nothing
+    # changed. (The last frame is scanned once more by every level: the end of the video.)
+    assert rows[0] >= 360 * 3 and rows[1:-1] == [0] * 7
     # ... and the reused boxes still hide the face on every frame.
     assert all(hidden(f, o, face) for f, o in zip(frames, out))
     # Without reuse every frame runs its scheduled passes (the count above can fail).
     no_reuse = dataclasses.replace(anon_settings, reuse_unchanged=False)
     with FaceAnonymizer(no_reuse) as anonymizer:
-        calls = counting(anonymizer)
+        rows = counting(anonymizer)
         anonymizer.anonymize_frames(frames)
-    assert min(calls[1:]) >= 2
+    assert min(rows[1:]) >= 360
+
+
+def test_only_the_rows_where_a_face_moves_are_scanned_again(anon_settings, real_faces):
+    scene = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
+    frames, faces = [], []
+    for t in range(9):
+        frame = scene.copy()
+        faces.append(paste_face(frame, real_faces[1], 24, 0, (300 + 4 * t, 600)))
+        frames.append(frame)
+    settings = dataclasses.replace(anon_settings, window_sizes=(96,), window_every=(1,))
+    with FaceAnonymizer(settings) as anonymizer:
+        rows = counting(anonymizer)
+        out, _ = anonymizer.anonymize_frames(frames)
+    # Frame 0: the whole frame. Then the face's band of 96 rows with half a window around
+    # it, and the whole-frame pass (its one band changed).
+    assert rows[0] == 720 * 2
+    assert all(720 + 96 <= r <= 720 + 2 * 96 + 96 for r in rows[1:-1]), rows
+    for t in range(9):
+        assert hidden(frames[t], out[t], faces[t]), f"face on frame {t} not hidden"
 
 
 def test_a_face_that_appears_on_a_still_background_is_found(anon_settings, real_faces):
@@ -72,8 +89,8 @@ def test_a_face_that_appears_on_a_still_background_is_found(anon_settings, real_
     frames, faces = [], []
     for t in range(14):
         frame = scene.copy()
-        # Empty for 6 frames (every tile scanned and remembered as face-free), then a 20 px
-        # face walks in: the tiles it enters have changed and run again.
+        # Empty for 6 frames (every band scanned and remembered as face-free), then a 20 px
+        # face walks in: the bands it enters have changed and are scanned again.
         faces.append(paste_face(frame, real_faces[1], 20, 0, (200 + 3 * t, 150))
                      if t >= 6 else None)
         frames.append(scene.copy() if t < 6 else frame)
@@ -83,55 +100,42 @@ def test_a_face_that_appears_on_a_still_background_is_found(anon_settings, real_
         assert hidden(frames[t], out[t], faces[t]), f"face on frame {t} not hidden"
 
 
-def test_a_pass_is_run_again_when_its_pixels_change_or_it_grows_old():
+def test_a_band_is_scanned_again_when_its_pixels_change_or_it_grows_old():
     memory = PassMemory(threshold=6.0, max_frames=3)
     scene = bgr(data.rocket())[:256, :256].copy()
-    key = ("tile", 0, 0, 256, 256)
-    found = [Box(10, 10, 20, 20)]
+    found = [Box(10, 10, 20, 20), Box(10, 200, 20, 20)]
     memory.next_frame(scene)
-    assert memory.recall(key) is None  # never ran
-    memory.store(key, found)
+    assert memory.stale_bands("level", 64).all()  # never looked
+    memory.update("level", 0, 256, found)
     memory.next_frame(scene)
-    assert memory.recall(key) == found
-    # One 16 px block brightened by 40 grey levels: the pass must run again.
+    assert not memory.stale_bands("level", 64).any() and memory.boxes("level") == found
+    # One 16 px block brightened by 40 grey levels: its band (rows 64-127) must be scanned.
     changed = scene.copy()
     changed[100:116, 100:116] = np.clip(changed[100:116, 100:116].astype(int) + 40, 0, 255)
     memory.next_frame(changed)
-    assert memory.recall(key) is None
+    assert memory.stale_bands("level", 64).tolist() == [False, True, False, False]
+    # Scanning rows 64-127 replaces only the boxes centred there.
+    new = [Box(100, 100, 16, 16)]
+    assert memory.update("level", 64, 128, new + [Box(0, 0, 5, 5)]) == found + new
     # Sensor-like noise of +-2 levels everywhere is not a change.
-    noisy = np.clip(scene.astype(int) + np.random.default_rng(0).integers(-2, 3, scene.shape),
+    noisy = np.clip(changed.astype(int) + np.random.default_rng(0).integers(-2, 3, scene.shape),
                     0, 255).astype(np.uint8)
     memory.next_frame(noisy)
-    assert memory.recall(key) == found
-    # Unchanged but stored more than max_frames frames ago: run again.
-    for _ in range(3):
-        memory.next_frame(scene)
-    assert memory.recall(key) is None
+    assert not memory.stale_bands("level", 64).any()
+    # Unchanged, but looked at more than max_frames frames ago: stale again (band 1 was
+    # looked at two frames after the others).
+    for _ in range(2):
+        memory.next_frame(changed)
+    assert memory.stale_bands("level", 64).tolist() == [True, False, True, True]
 
 
-def test_helper_processes_change_speed_not_output(anon_settings, real_faces):
+def test_threads_change_speed_not_output(anon_settings, real_faces):
     frame = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
     faces = [paste_face(frame, real_faces[i], size, 0, (200 + 400 * i, 360))
-             for i, size in enumerate((20, 32, 64))]
+             for i, size in enumerate((14, 32, 64))]
     found = {}
-    for processes in (1, 2):
-        settings = dataclasses.replace(anon_settings, processes=processes)
-        with FaceAnonymizer(settings) as anonymizer:
-            found[processes] = anonymizer.detect(frame)
-            assert (anonymizer.detector._helpers is not None) == (processes == 2)
+    for threads in (1, 2):
+        with FaceAnonymizer(dataclasses.replace(anon_settings, threads=threads)) as anonymizer:
+            found[threads] = anonymizer.detect(frame)
     assert found[1] == found[2]
     assert all(any(b.x <= f[0] + f[2] / 2 <= b.x + b.w for b in found[2]) for f in faces)
-
-
-def test_a_helper_that_dies_fails_detection_closed(anon_settings):
-    frame = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
-    with FaceAnonymizer(dataclasses.replace(anon_settings, processes=2)) as anonymizer:
-        anonymizer.detect(frame)
-        helpers = anonymizer.detector._helpers
-        helpers.procs[0].kill()
-        helpers.procs[0].wait()
-        with pytest.raises((RuntimeError, OSError)):
-            anonymizer.detect(frame)
-        # The broken helpers are dropped; the next frame starts new ones and works.
-        assert anonymizer.detector._helpers is None
-        assert isinstance(anonymizer.detect(frame), list)

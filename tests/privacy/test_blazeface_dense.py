@@ -1,0 +1,98 @@
+"""The short-range BlazeFace run densely over whole frames in LiteRT gives MediaPipe's own
+detections: on 128 px windows the same boxes and scores as MediaPipe's face detector, and on
+a whole frame the faces MediaPipe finds window by window. A file that is not the model
+fails closed, naming the file."""
+
+from __future__ import annotations
+
+import cv2
+import mediapipe as mp
+import numpy as np
+import pytest
+from skimage import data
+
+from privacy.anonymize import _close_quietly, _load_blazeface
+from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace
+from privacy.face_models import FaceModelError
+from simulations.bench_anonymize import paste_face
+
+
+@pytest.fixture(scope="module")
+def models(face_models):
+    dense = DenseBlazeFace(face_models["short_range"], threads=1)
+    reference = _load_blazeface(face_models["short_range"], 0.3)
+    yield dense, reference
+    _close_quietly(reference)
+
+
+def frame_with_faces(real_faces) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """A 768x512 RGB frame with real faces of 20-60 px, each in its own 128 px cell."""
+    frame = cv2.resize(data.coffee(), (768, 512), interpolation=cv2.INTER_AREA)
+    bgr = np.ascontiguousarray(frame[..., ::-1])
+    faces = []
+    for i, source in enumerate(real_faces[:9]):
+        size = (20, 28, 36, 44, 52, 60)[i % 6]
+        cell = (64 + 128 * (i % 6), 64 + 128 * (i // 6) + 64 * (i % 2))
+        faces.append(paste_face(bgr, source, size, (-20, 0, 20)[i % 3], cell))
+    return np.ascontiguousarray(bgr[..., ::-1]), faces
+
+
+def mediapipe_rows(reference, window: np.ndarray) -> np.ndarray:
+    found = reference.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                      data=np.ascontiguousarray(window))).detections
+    return np.array([(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
+                      d.bounding_box.height, d.categories[0].score) for d in found],
+                    np.float32).reshape(-1, 5)
+
+
+def clipped(rows: np.ndarray) -> np.ndarray:
+    """MediaPipe's pixel boxes: origin clipped to the image, width kept, rounded."""
+    out = rows.copy()
+    out[:, :2] = np.maximum(np.round(out[:, :2]), 0)
+    out[:, 2:4] = np.round(out[:, 2:4])
+    return out[np.argsort(-out[:, 4])]
+
+
+def test_on_a_window_the_dense_network_gives_mediapipes_detections(models, real_faces):
+    dense, reference = models
+    frame, _ = frame_with_faces(real_faces)
+    compared = 0
+    for y in range(0, frame.shape[0] - INPUT_SIZE + 1, 64):
+        for x in range(0, frame.shape[1] - INPUT_SIZE + 1, 64):
+            window = frame[y:y + INPUT_SIZE, x:x + INPUT_SIZE]
+            ours, theirs = clipped(dense.detect(window, 0.3)), clipped(mediapipe_rows(reference, window))
+            assert len(ours) == len(theirs), (x, y)
+            np.testing.assert_allclose(ours[:, 4], theirs[:, 4], atol=1e-4)
+            np.testing.assert_allclose(ours[:, :4], theirs[:, :4], atol=1.5)
+            compared += len(ours)
+    assert compared >= 20  # the windows hold faces: the comparison is not vacuous
+
+
+def test_on_a_whole_frame_it_finds_the_faces_mediapipe_finds_window_by_window(models, real_faces):
+    dense, reference = models
+    frame, faces = frame_with_faces(real_faces)
+    whole = dense.detect(frame, 0.3)
+    for x, y, w, h in faces:
+        cx, cy = x + w / 2, y + h / 2
+        wx = int(np.clip(cx - INPUT_SIZE / 2, 0, frame.shape[1] - INPUT_SIZE))
+        wy = int(np.clip(cy - INPUT_SIZE / 2, 0, frame.shape[0] - INPUT_SIZE))
+        windowed = mediapipe_rows(reference, frame[wy:wy + INPUT_SIZE, wx:wx + INPUT_SIZE])
+        windowed[:, :2] += (wx, wy)
+        near = lambda rows: rows[(np.abs(rows[:, 0] + rows[:, 2] / 2 - cx) < w / 2)
+                                 & (np.abs(rows[:, 1] + rows[:, 3] / 2 - cy) < h / 2)]
+        assert len(near(windowed)) == 1, "MediaPipe should find each pasted face"
+        found = near(whole)
+        assert len(found) == 1, f"{w} px face at {(x, y)} not found on the whole frame"
+        # Same face, same box within a few pixels; the score differs a little, as the
+        # network now sees the face's surroundings beyond the window.
+        np.testing.assert_allclose(found[0, :4], near(windowed)[0, :4], atol=0.15 * w + 2)
+
+
+def test_a_file_that_is_not_the_model_is_refused_by_name(tmp_path, face_models):
+    truncated = tmp_path / "cut.tflite"
+    truncated.write_bytes(face_models["short_range"].read_bytes()[:40_000])
+    with pytest.raises(FaceModelError, match="cut.tflite"):
+        DenseBlazeFace(truncated)
+    # Another network (the full-range model, 192 px, other anchors) is refused too.
+    with pytest.raises(FaceModelError, match="face_detection_full_range_sparse.tflite"):
+        DenseBlazeFace(face_models["full_range"])

@@ -448,21 +448,24 @@ class PassMemory:
         inside = lambda box: top <= box.y + box.h / 2 < bottom
         block = 4 * self._scale
         rows = slice(top // block, -(-bottom // block))
-        stale = self._stale(key)
         if key in self._seen and self._seen[key][0].shape == self._gray.shape:
             gray, indices, old = self._seen[key]
             gray, indices = gray.copy(), indices.copy()
         else:
-            gray, indices, old = self._gray.copy(), np.full(stale.shape, -(1 << 30)), []
+            gray, indices, old = self._gray.copy(), np.full(self._grid(), -(1 << 30)), []
         gray[rows.start * 4:rows.stop * 4] = self._gray[rows.start * 4:rows.stop * 4]
         indices[rows] = self._index
         boxes = [box for box in old if not inside(box)] + [box for box in found if inside(box)]
         self._seen[key] = (gray, indices, boxes)
         return list(boxes)
 
+    def _grid(self) -> tuple[int, int]:
+        """Rows and columns of blocks."""
+        return -(-self._gray.shape[0] // 4), -(-self._gray.shape[1] // 4)
+
     def _stale(self, key) -> np.ndarray:
         """Block mask of what pass `key` must look at again."""
-        rows, cols = -(-self._gray.shape[0] // 4), -(-self._gray.shape[1] // 4)
+        rows, cols = self._grid()
         seen = self._seen.get(key)
         if seen is None or seen[0].shape != self._gray.shape:
             return np.ones((rows, cols), bool)

@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from client.node_config import NodeConfig
 from client.run_config import RunConfig
 from client.site import SiteData
-from client.train import make_optimizer, train_epochs
+from client.train import keep_freed_memory, make_optimizer, train_epochs
 from models.tasks import get_task
 from privacy.accounting import calibrate_noise, filter_epsilon, pld_epsilon
 from privacy.canaries import RunCanaries
@@ -135,6 +135,7 @@ def private_round(
         observer = canaries.start_round(model, examples, classes, device)
         dataset = ConcatDataset([dataset, canaries.slots(examples, model, config.max_grad_norm, classes)])
     model.train()  # Opacus validates the mode: a model just evaluated must train again
+    keep_freed_memory()
     private_model, optimizer, loader = make_private(
         model, make_optimizer(model, config.learning_rate), unit_loader(dataset, config.batch_size, randomness.sampling),
         plan.noise_multiplier, config.max_grad_norm, config.grad_sample_mode, poisson_sampling=False,

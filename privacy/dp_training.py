@@ -335,6 +335,8 @@ def make_private(
         noise_generator=noise_generator,
         **kwargs,
     )
+    if grad_sample_mode == "hooks":  # removed with the model's hooks (`remove_hooks()`)
+        wrapped[0].autograd_grad_sample_hooks.append(grad_samplers.skip_batch_weight_gradients(model))
     dp_optimizer = wrapped[1]
     dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps, observe_step))
     return wrapped

@@ -5,7 +5,11 @@
 For each mode (hooks, functorch, ghost) the task's model is wrapped with
 `privacy.dp_training.make_private` (noise 1.0, clipping 1.0, fixed batches, no Poisson
 sampling so every step sees the same batch size) and one full step (zero_grad, forward,
-loss, backward, optimizer step) is timed against the same step on the unwrapped model.
+loss, backward, optimizer step) is timed against the same step on the unwrapped model, the
+two taken in turn (medians of ``--repeats`` each). ``--clips-per-unit K`` makes the batch's
+clips batch-size / K units whose rows are pooled before clipping, as in training. The
+process keeps freed memory as `fedvid`'s training does (`client.train.keep_freed_memory`);
+``--fresh-pages`` leaves malloc's defaults.
 The loss is the task's training loss (`models.tasks`) on random clips, labels or boxes.
 Ghost mode (classify only: it needs a criterion of (output, labels)) uses the criterion returned
 by make_private, as it must (backward through the plain criterion would skip clipping). The
@@ -26,7 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.dp_training import GRAD_SAMPLE_MODES, check_per_sample_clipping, make_private
+from client.train import keep_freed_memory
+from privacy.dp_training import (GRAD_SAMPLE_MODES, check_per_sample_clipping, make_private,
+                                 pool_grad_samples)
 
 
 class StandInClassifier(nn.Module):
@@ -89,15 +95,19 @@ def random_batch(task: str, batch_size: int, num_classes: int, clip_frames: int,
     return clips, torch.stack([detection_targets(b[None], num_classes, frame_size) for b in boxes])
 
 
-def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
+def _time_steps(steps: list[Callable[[], None]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each step, the steps taken in turn so that they share the machine's
+    state (a shared machine's speed drifts by tens of percent within a minute)."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for step, taken in zip(steps, times):
+            t = time.perf_counter()
+            step()
+            taken.append(time.perf_counter() - t)
+    return [statistics.median(taken) for taken in times]
 
 
 def bench(
@@ -111,11 +121,17 @@ def bench(
     repeats: int = 5,
     check: bool = True,
     task: str = "classify",
+    clips_per_unit: int = 1,
 ) -> list[dict]:
-    """Median step times (seconds) per mode and the DP/plain ratio."""
+    """Median step times (seconds) per mode and the DP/plain ratio. With ``clips_per_unit`` K
+    > 1 the batch's clips are batch_size / K units, and the DP step pools each unit's rows into
+    one gradient before clipping (`pool_grad_samples`), as `fedvid`'s training does."""
     from models.tasks import get_task
     from models.video_detector import detection_loss
 
+    if batch_size % clips_per_unit:
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of --clips-per-unit {clips_per_unit}")
+    unit_index = torch.arange(batch_size // clips_per_unit).repeat_interleave(clips_per_unit)
     torch.manual_seed(0)
     x, y = random_batch(task, batch_size, num_classes, clip_frames, frame_size)
     base = factory().train()
@@ -131,12 +147,12 @@ def bench(
         step_loss(plain, x, y).backward()
         opt.step()
 
-    t_plain = _time_steps(plain_step, warmup, repeats)
     rows = []
     for mode in modes:
-        if mode == "ghost" and task != "classify":
-            rows.append(dict(mode=mode, plain_s=t_plain, dp_s=float("nan"), ratio=float("nan"),
-                             clip_rel_err=float("nan"), error="ghost mode: classify only"))
+        if mode == "ghost" and (task != "classify" or clips_per_unit > 1):
+            rows.append(dict(mode=mode, plain_s=float("nan"), dp_s=float("nan"), ratio=float("nan"),
+                             clip_rel_err=float("nan"),
+                             error="ghost mode: classify with one clip per unit only"))
             continue
         model = copy.deepcopy(base)
         dp_opt_in = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -152,16 +168,18 @@ def bench(
             dp_opt.zero_grad(set_to_none=True)
             loss = ghost_loss(dp_model(x), y) if ghost_loss else step_loss(dp_model, x, y)
             loss.backward()
+            if clips_per_unit > 1:
+                pool_grad_samples(dp_model, unit_index)
             dp_opt.step()
 
         try:
-            t_dp = _time_steps(dp_step, warmup, repeats)
+            t_plain, t_dp = _time_steps([plain_step, dp_step], warmup, repeats)
             err = (check_per_sample_clipping(factory, x[:8], y[:8], mode, criterion)
                    if check and criterion is not None else float("nan"))
             rows.append(dict(mode=mode, plain_s=t_plain, dp_s=t_dp, ratio=t_dp / t_plain,
                              clip_rel_err=err, error=None))
         except Exception as exc:  # report, keep benchmarking the other modes
-            rows.append(dict(mode=mode, plain_s=t_plain, dp_s=float("nan"),
+            rows.append(dict(mode=mode, plain_s=float("nan"), dp_s=float("nan"),
                              ratio=float("nan"), clip_rel_err=float("nan"),
                              error=f"{type(exc).__name__}: {str(exc)[:80]}"))
     return rows
@@ -175,25 +193,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=5)
     p.add_argument("--clip-frames", type=int, default=8)
     p.add_argument("--frame-size", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step")
+    p.add_argument("--clips-per-unit", type=int, default=1,
+                   help="clips of each privacy unit in the batch (pooled into one gradient)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--modes", default=",".join(GRAD_SAMPLE_MODES))
     p.add_argument("--no-check", action="store_true", help="skip the brute-force clip check")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="leave malloc's defaults (freed memory handed back to the kernel every step)")
     p.add_argument("--trainable-layers", default="", help="train only these layers in both steps, e.g. 'layer4,fc'")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not a.fresh_pages:
+        keep_freed_memory()  # as fedvid's training does
     name = a.model
     factory = frozen(model_factory(name, a.size, a.num_classes, a.clip_frames, a.frame_size, a.task),
                      a.trainable_layers)
     warnings.filterwarnings("ignore")
     rows = bench(factory, a.batch_size, a.num_classes, a.clip_frames, a.frame_size,
-                 tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check, task=a.task)
+                 tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check, task=a.task,
+                 clips_per_unit=a.clips_per_unit)
     params = sum(p.numel() for p in factory().parameters() if p.requires_grad)
     print(f"task={a.task} model={name} size={a.size} params={params} batch={a.batch_size} "
           f"input=(B,3,{a.clip_frames},{a.frame_size},{a.frame_size}) "
-          f"threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'}")
+          f"threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'} "
+          f"clips-per-unit={a.clips_per_unit}")
     print(f"{'mode':<10} {'plain ms':>9} {'dp ms':>9} {'dp/plain':>9} {'clip err':>9}")
     for r in rows:
         if r["error"]:

@@ -1,5 +1,6 @@
 """The grouped-convolution per-sample gradients against Opacus's unfold-and-einsum and against
-one backward pass per example: a wrong per-sample gradient is a wrong clip, so a wrong epsilon."""
+one backward pass per example, and the DP step that skips the convolutions' batch weight
+gradients: a wrong per-sample gradient is a wrong clip, so a wrong epsilon."""
 
 import pytest
 import torch
@@ -7,11 +8,15 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from privacy.dp_training import check_per_sample_clipping
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.dp_training import check_per_sample_clipping, make_private
 from privacy.grad_samplers import conv_grad_sample
 
 LAYERS = [
     lambda: nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1),
+    lambda: nn.Conv3d(3, 4, (3, 5, 5), stride=(2, 1, 2), padding=(1, 2, 0), dilation=(1, 2, 1)),
+    lambda: nn.Conv3d(6, 4, 3, padding=1),
     lambda: nn.Conv3d(4, 6, (1, 3, 3), stride=2, padding=(0, 1, 1), bias=False),
     lambda: nn.Conv3d(4, 6, 3, dilation=2, padding=2, groups=2),
     lambda: nn.Conv3d(6, 6, 2, groups=6),  # depthwise
@@ -86,3 +91,25 @@ def test_dp_step_clips_each_example_as_one_backward_per_example_does(factory):
     torch.manual_seed(0)
     x, y = torch.rand(6, 3, 4, 12, 12), torch.randint(0, 4, (6,))
     assert check_per_sample_clipping(factory, x, y, "hooks") < 1e-4
+
+
+def test_the_dp_step_skips_the_batch_weight_gradients_until_the_hooks_are_removed():
+    """Hooks mode: the convolutions' batch gradients are not computed (the optimizer replaces
+    them by the clipped per-sample ones), the input's gradient still flows to the first layer,
+    and a model whose hooks are removed trains as a plain model again."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    first, grouped, same = model.body[0], model.body[3], model.body[5]
+    x, y = torch.rand(4, 3, 4, 12, 12), torch.randint(0, 4, (4,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    dp_model, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                          loader, 0.0, 1.0, poisson_sampling=False)
+    nn.functional.cross_entropy(dp_model(x), y).backward()
+    assert first.weight.grad is None and grouped.weight.grad is None  # skipped
+    assert same.weight.grad is not None  # 'same' padding: not covered, left as it was
+    assert first.weight.grad_sample.shape == (4, *first.weight.shape)  # fed by the input gradient
+    assert first.weight.grad_sample.abs().sum() > 0
+    dp_model.remove_hooks()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0

@@ -77,7 +77,7 @@ def cmd_ledger_key(args: argparse.Namespace) -> int:
 DP_RECIPES = {
     ("classify", "cnn3d"): ' trainable-layers="head" learning-rate=0.1 ema-decay=0.5',
     ("detect", "cnn3d"): ' trainable-layers="heatmap,box" learning-rate=0.01',
-    ("generate", "cnn3d"): ' trainable-layers="film" learning-rate=0.01',
+    ("generate", "cnn3d"): ' trainable-layers="film,*.norm*" learning-rate=0.03',
 }
 
 

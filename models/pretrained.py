@@ -18,6 +18,7 @@ they change what the sites train, never what a site's epsilon is.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,9 +95,10 @@ def load_initial_weights(model: nn.Module, path: Path, classes: tuple[str, ...] 
 
 def freeze_except(model: nn.Module, trainable: str) -> int:
     """Train only the parameters under the comma-separated module prefixes `trainable` (run-config
-    `trainable-layers`; empty: all); return how many parameters stay trainable. Frozen ones get
-    no per-example gradient under DP-SGD, which makes the step cheaper and the noise smaller
-    relative to the signal."""
+    `trainable-layers`; empty: all); return how many parameters stay trainable. An entry with
+    `*` or `?` is a pattern for whole parameter names (`*.norm*`: every norm layer's). Frozen
+    ones get no per-example gradient under DP-SGD, which makes the step cheaper and the noise
+    smaller relative to the signal."""
     prefixes = [p.strip() for p in trainable.split(",") if p.strip()]
     if not prefixes:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -113,6 +115,8 @@ def freeze_except(model: nn.Module, trainable: str) -> int:
 
 
 def _under(name: str, prefix: str) -> bool:
+    if "*" in prefix or "?" in prefix:
+        return fnmatch.fnmatchcase(name, prefix)
     return name == prefix or name.startswith(prefix + ".")
 
 

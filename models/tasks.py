@@ -6,7 +6,7 @@ per-example losses, with nothing coupling examples, so per-example clipping hold
 
     classify   clip -> class                       accuracy
     detect     clip -> boxes of its centre frame   mAP@0.5 (and mAP@[.5:.95])
-    generate   first frames + class -> the rest    PSNR / SSIM vs copying the last frame
+    generate   first frame + class -> the rest     PSNR / SSIM vs copying the last frame
     enhance    3 half-size frames -> centre frame  PSNR / SSIM vs bicubic up-scaling
 """
 

@@ -1,8 +1,14 @@
-"""Class-conditional video generation as frame prediction: context frames + class -> future.
+"""Class-conditional video generation as frame prediction: first frame + class -> future.
 
 Given the first `CONTEXT_FRAMES` frames of a clip and a motion class, `FramePredictor`
 predicts the remaining frames. A generated clip is the context followed by the prediction,
 so a trained model animates any starting scene with the motion asked for.
+
+One context frame, because a second one shows the motion: trained on real clips, whose class
+always agrees with the motion between their first two frames, a two-frame model learns to
+continue that motion and ignores its class. Asked to continue a scene under another class it
+did not (central training without DP: samples classified as their class 0.24 of the time
+after 6 epochs, against 0.85 after 8 with one frame; chance 1/6).
 
 Why a frame predictor and not a GAN: a GAN is a two-player game whose balance is fragile
 even without privacy; under DP-SGD the discriminator (the network that sees private data)
@@ -38,7 +44,7 @@ from client.video import write_video
 from models.image_quality import psnr, ssim
 from models.video_classifier import norm_groups
 
-CONTEXT_FRAMES = 2
+CONTEXT_FRAMES = 1
 
 
 class FilmBlock(nn.Module):

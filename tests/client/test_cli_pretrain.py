@@ -10,7 +10,7 @@ import models.pretrained
 from client import cli
 
 
-@pytest.mark.parametrize("task, trained", [("classify", "head"), ("detect", "heatmap,box"), ("generate", "film")])
+@pytest.mark.parametrize("task, trained", [("classify", "head"), ("detect", "heatmap,box"), ("generate", "film,*.norm*")])
 def test_the_printed_command_names_the_task_and_its_recipe(task, trained, tmp_path, monkeypatch, capsys):
     def fake_pretrain(config, out, data, epochs, progress):
         assert config.task == task

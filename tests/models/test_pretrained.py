@@ -117,6 +117,17 @@ def test_only_the_trainable_layers_change_under_dp_sgd():
     assert changed and all(k.startswith(("layer4.", "fc.")) for k in changed)
 
 
+def test_trainable_layers_take_patterns_of_parameter_names():
+    model = build_model(ModelSpec("generate", "cnn3d", "small", 6, 8, 16))
+    with pytest.raises(ValueError, match="trainable-layers.*'\\*.bn\\*'"):
+        freeze_except(model, "*.bn*")
+    kept = freeze_except(model, "film, *.norm*")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"film.weight"} | {n for n, _ in model.named_parameters() if ".norm" in n}
+    assert kept == sum(p.numel() for n, p in model.named_parameters() if n in trained)
+    assert any(n.startswith("up.") for n in trained) and not any(".conv" in n for n in trained)
+
+
 def test_public_data_is_disjoint_from_the_sites_labels_and_moves_as_labelled():
     assert not set(PUBLIC_CLASSES) & set(CLASSES)
     for label, name in enumerate(PUBLIC_CLASSES):

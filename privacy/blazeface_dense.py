@@ -46,7 +46,7 @@ class DenseBlazeFace:
         self.threads = threads or os.cpu_count() or 1
         self._interpreters: OrderedDict[tuple[int, int], object] = OrderedDict()
         try:
-            probe = self.run(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+            probe = self.run(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         except FaceModelError:
             raise
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError on a bad file
@@ -61,22 +61,27 @@ class DenseBlazeFace:
         face sizes found: a face is found best at 15-75% of 128 px). Rows of
         (x, y, w, h, score) in the image's pixels, merged as MediaPipe merges them."""
         height, width = rgb.shape[:2]
-        padded = cv2.copyMakeBorder(rgb, 0, -height % GRID, 0, -width % GRID,
-                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        scores, boxes = self.run(_TO_INPUT[padded])
-        found = _decode(scores[:, 0], boxes, padded.shape[:2], threshold)
+        if height % GRID or width % GRID:
+            rgb = cv2.copyMakeBorder(rgb, 0, -height % GRID, 0, -width % GRID,
+                                     cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        scores, boxes = self.run(rgb)
+        found = _decode(scores[:, 0], boxes, rgb.shape[:2], threshold)
         return weighted_nms(found, NMS_IOU)
 
-    def run(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The raw outputs (classificators (A, 1), regressors (A, 16)) for one float32 HxWx3
-        input whose sides are multiples of 16."""
-        interpreter = self._interpreter(image.shape[:2])
-        inp = interpreter.get_input_details()[0]["index"]
-        interpreter.set_tensor(inp, image[None])
+    def run(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw outputs (classificators (A, 1), regressors (A, 16)) for one RGB uint8
+        image whose sides are multiples of 16. They are views of LiteRT's output buffers,
+        valid until the next call (copying them cost more than the decoding)."""
+        interpreter = self._interpreter(rgb.shape[:2])
+        index = interpreter.get_input_details()[0]["index"]
+        buffer = interpreter.tensor(index)()[0]
+        written = cv2.LUT(rgb, _TO_INPUT, dst=buffer)  # uint8 -> [-1, 1] in place, one pass
+        if written is not buffer:  # OpenCV allocated instead of writing into the buffer
+            buffer[...] = written
+        del buffer, written  # LiteRT refuses to run while its buffers are referenced
         interpreter.invoke()
         outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-        return (interpreter.get_tensor(outputs["classificators"])[0],
-                interpreter.get_tensor(outputs["regressors"])[0])
+        return interpreter.tensor(outputs["classificators"])()[0], interpreter.tensor(outputs["regressors"])()[0]
 
     def _interpreter(self, shape: tuple[int, int]):
         interpreter = self._interpreters.get(shape)

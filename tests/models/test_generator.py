@@ -92,6 +92,7 @@ def test_a_trained_generator_moves_a_scene_the_way_its_class_says():
         generation_step_loss(model, moving_clips(labels), labels).backward()
         optimizer.step()
     right = moving_clips(torch.zeros(8, dtype=torch.long))
+    # The same first frames, moving down instead.
     down = torch.stack([torch.stack([torch.roll(clip[:, 0], t, dims=1) for t in range(8)], dim=1) for clip in right])
     context, _ = split_clip(right)
     with torch.no_grad():

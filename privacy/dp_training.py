@@ -324,6 +324,9 @@ def make_private(
     kwargs: dict[str, Any] = {}
     if criterion is not None:
         kwargs["criterion"] = criterion
+    # Hooks and functorch modes: the hooks take the summed loss's gradients as they come, the
+    # model's output gradient scaled once (`grad_samplers.sum_loss_gradients`).
+    summed = grad_sample_mode in ("hooks", "functorch")
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -333,11 +336,15 @@ def make_private(
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
         noise_generator=noise_generator,
+        loss_reduction="sum" if summed else "mean",
         **kwargs,
     )
-    if grad_sample_mode == "hooks":  # removed with the model's hooks (`remove_hooks()`)
-        wrapped[0].autograd_grad_sample_hooks.append(grad_samplers.skip_batch_weight_gradients(model))
     dp_optimizer = wrapped[1]
+    if summed:  # the training loss stays a batch mean; removed with the model's hooks
+        dp_optimizer.loss_reduction = "mean"  # the clipped sum divided by the expected batch
+        wrapped[0].autograd_grad_sample_hooks.append(grad_samplers.sum_loss_gradients(model))
+    if grad_sample_mode == "hooks":
+        wrapped[0].autograd_grad_sample_hooks.append(grad_samplers.skip_batch_weight_gradients(model))
     dp_optimizer.attach_step_hook(_RoundStepHook(dp_optimizer.step_hook, max_steps, observe_step))
     return wrapped
 

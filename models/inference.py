@@ -44,7 +44,7 @@ def generate_from_run(
 ) -> dict:
     """Write sample .mp4 clips of a generator run into `out_dir`; with `classifier_run` (a
     classify run on the same classes and clip geometry), also score the samples with it."""
-    from models.video_generator import class_conditional_accuracy, write_samples
+    from models.video_generator import write_samples
 
     generator, spec, classes, config = load_task_run(run_dir, "generate")
     clips, labels = seed_clips(classes, config, per_class, seeds)
@@ -52,12 +52,26 @@ def generate_from_run(
     paths = write_samples(generator, clips, labels, classes, Path(out_dir))
     result: dict = {"samples": [str(p) for p in paths]}
     if classifier_run:
-        classifier, cspec, cclasses, _ = load_task_run(classifier_run, "classify")
-        if cclasses != classes or (cspec.clip_frames, cspec.frame_size) != (spec.clip_frames, spec.frame_size):
-            raise ValueError(f"classifier run {classifier_run} does not share the generator's classes and clip geometry")
-        with torch.no_grad():
-            result["class-conditional-accuracy"] = class_conditional_accuracy(generator, classifier, clips, len(classes))
+        result["class-conditional-accuracy"] = _judged(generator, spec, classes, clips, classifier_run)
     return result
+
+
+def class_score(run_dir: Path, classifier_run: Path, per_class: int = 10, seeds: Path | None = None) -> float:
+    """Share of a generator run's samples (each start continued under every class) that
+    `classifier_run` classifies as the class they were generated for (chance: 1 / classes)."""
+    generator, spec, classes, config = load_task_run(run_dir, "generate")
+    clips, _ = seed_clips(classes, config, per_class, seeds)
+    return _judged(generator, spec, classes, clips, classifier_run)
+
+
+def _judged(generator, spec, classes: tuple[str, ...], clips: np.ndarray, classifier_run: Path) -> float:
+    from models.video_generator import class_conditional_accuracy
+
+    classifier, cspec, cclasses, _ = load_task_run(classifier_run, "classify")
+    if cclasses != classes or (cspec.clip_frames, cspec.frame_size) != (spec.clip_frames, spec.frame_size):
+        raise ValueError(f"classifier run {classifier_run} does not share the generator's classes and clip geometry")
+    with torch.no_grad():
+        return class_conditional_accuracy(generator, classifier, clips, len(classes))
 
 
 def detect_from_run(run_dir: Path, video: Path, out: Path, score_threshold: float = 0.3) -> int:

@@ -2,13 +2,15 @@
 
     python -m simulations.privacy_utility [--tasks classify,detect,generate,enhance]
         [--epsilons 1,3,8,off] [--starts scratch,pretrained] [--seeds 0,1,2] [--sites 4]
-        [--run-config '...'] [--pretrain-epochs 12]
+        [--run-config '...'] [--pretrain-epochs 12] [--judge CLASSIFY_RUN_DIR]
 
 One simulated federation per (task, start, epsilon or "off", seed). "pretrained" starts from
 `fedvid pretrain` on the task's built-in public data (made once per task). Each row gives the
 task's headline test metric and its trivial baseline (mean and spread over seeds) beside the
 largest epsilon any site actually spent, read from the run's ledger by the audit, not from the
-target.
+target. With ``--judge`` (a classify run on the built-in classes, e.g. the quick start's), each
+generate row also gives its class score: the share of samples the judge classifies as the class
+they were generated for (chance 1/6).
 """
 
 from __future__ import annotations
@@ -18,16 +20,26 @@ import json
 import math
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from models.inference import class_score, load_task_run
 from models.tasks import get_task
 from privacy.audit import audit_run
 from simulations.federation import resolve_run_config, simulate
 
 
-def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[float, float | None, float, float | None]:
-    """(headline test metric, its baseline or None, largest site epsilon, the headline of the last
-    round's model alone when the run averages its models (`ema-decay`) or None) of one simulated run."""
+@dataclass(frozen=True)
+class RunResult:
+    headline: float  # the task's headline test metric
+    baseline: float | None  # its trivial baseline
+    epsilon: float  # the largest epsilon a site spent, from the audited ledger
+    unaveraged: float | None  # the headline of the last round's model alone (`ema-decay` runs)
+    class_score: float | None  # generate, with a judge: samples classified as their class
+
+
+def run_once(sites: int, overrides: str, run_dir: Path, task: str, judge: Path | None = None) -> RunResult:
+    """One simulated run, its figures read from its run directory."""
     if simulate(sites, overrides, run_dir) != 0:
         raise SystemExit(f"the run in {run_dir} failed")
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -35,7 +47,9 @@ def run_once(sites: int, overrides: str, run_dir: Path, task: str) -> tuple[floa
     sites_eps = [site["epsilon"] for site in audit_run(run_dir).to_dict()["sites"].values()]
     epsilon = max((float(e) for e in sites_eps), default=math.inf)
     baseline = last.get(f"test-{spec.baseline}") if spec.baseline else None
-    return last[f"test-{spec.headline}"], baseline, epsilon, last.get(f"test-unaveraged-{spec.headline}")
+    score = class_score(run_dir, judge) if judge and task == "generate" else None
+    return RunResult(last[f"test-{spec.headline}"], baseline, epsilon,
+                     last.get(f"test-unaveraged-{spec.headline}"), score)
 
 
 def pretrained_file(task: str, overrides: str, root: Path, epochs: int) -> Path:
@@ -54,6 +68,28 @@ def pretrain_config(task: str, overrides: str):
     return resolve_run_config(f"{overrides} task={json.dumps(task)}")
 
 
+def table(results: dict[tuple[str, str, str], list[RunResult]]) -> str:
+    """One markdown row per (task, start, privacy), over its seeds; a class-score column when
+    any run has one."""
+    scored = any(r.class_score is not None for runs in results.values() for r in runs)
+    lines = ["| task | start | privacy | spent epsilon (max site) | headline (test) | last round's model alone "
+             "| baseline |" + (" class score |" if scored else ""),
+             "|---|---|---|---:|---|---|---|" + ("---|" if scored else "")]
+    for (task, start, setting), runs in results.items():
+        if not runs:
+            continue
+        columns = [[r.unaveraged for r in runs], [r.baseline for r in runs]]
+        if scored:
+            columns.append([r.class_score for r in runs])
+        figures = [f"{get_task(task).headline} {spread([r.headline for r in runs])}"]
+        for values in columns:
+            values = [v for v in values if v is not None]
+            figures.append(spread(values) if values else "-")
+        lines.append(f"| {task} | {start} | {setting} | {max(r.epsilon for r in runs):.2f} | "
+                     + " | ".join(figures) + " |")
+    return "\n".join(lines)
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -70,7 +106,14 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="overrides for every run, e.g. 'num-server-rounds=8'")
     parser.add_argument("--pretrain-epochs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a new temporary folder)")
+    parser.add_argument("--judge", type=Path, default=None,
+                        help="a classify run on the built-in classes: score the generators' samples by class")
     args = parser.parse_args()
+    if args.judge:  # refused before any run, not after the first generator's
+        try:
+            load_task_run(args.judge, "classify")
+        except (OSError, ValueError) as exc:
+            parser.error(f"--judge {args.judge}: {exc}")
     root = args.out or Path(tempfile.mkdtemp(prefix="fedvid-privacy-utility-"))
     root.mkdir(parents=True, exist_ok=True)
     privacy = ["dp=false" if e == "off" else f"target-epsilon={float(e)}" for e in args.epsilons.split(",")]
@@ -85,18 +128,10 @@ def main() -> None:
             overrides = f"{args.run_config} task={json.dumps(task)} {setting} seed={seed}"
             if start == "pretrained":
                 overrides += f" init-from={json.dumps(str(inits[task]))}"
-            results[(task, start, setting)].append(run_once(args.sites, overrides, root / name, task))
+            results[(task, start, setting)].append(run_once(args.sites, overrides, root / name, task, args.judge))
             print(f"{name}: {results[(task, start, setting)][-1]}", flush=True)
-    rows = [(*cell, runs) for cell, runs in results.items()]
-    print(f"\n| task | start | privacy | spent epsilon (max site) | headline (test) | last round's model alone | baseline |")
-    print("|---|---|---|---:|---|---|---|")
-    for task, start, setting, runs in rows:
-        headline = get_task(task).headline
-        baselines = [b for _, b, _, _ in runs if b is not None]
-        unaveraged = [u for _, _, _, u in runs if u is not None]
-        print(f"| {task} | {start} | {setting} | {max(e for _, _, e, _ in runs):.2f} | {headline} "
-              f"{spread([m for m, _, _, _ in runs])} | {spread(unaveraged) if unaveraged else '-'} | "
-              f"{spread(baselines) if baselines else '-'} |")
+    print()
+    print(table(results))
     print(f"runs in {root}")
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from client.cli import main
@@ -62,3 +63,41 @@ def test_a_run_of_another_task_is_refused_naming_it(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "onnx")]) == 2
     assert "distils and quantizes classifiers only" in capsys.readouterr().err
     assert not np.any([p.suffix == ".mp4" for p in tmp_path.rglob("*")])
+
+
+def test_a_generator_run_is_scored_by_a_classify_run_on_its_classes(tmp_path, transfer_folder):
+    """`class_score` (`fedvid generate --classifier`, `privacy_utility --judge`): the share of
+    samples the judge gives the class they were generated for; a judge of other classes is refused."""
+    from models.inference import class_score, load_task_run, seed_clips
+    from models.video_generator import class_conditional_accuracy
+
+    classes = tuple(sorted(p.name for p in transfer_folder.iterdir() if p.is_dir()))
+    generator_run = finished_run(tmp_path / "gen", "generate", classes)
+    judge_run = finished_run(tmp_path / "judge", "classify", classes)
+    generator, _, _, config = load_task_run(generator_run, "generate")
+    judge = load_task_run(judge_run, "classify")[0]
+    clips, _ = seed_clips(classes, config, 2, transfer_folder)
+    with torch.no_grad():
+        expected = class_conditional_accuracy(generator, judge, clips, len(classes))
+    assert class_score(generator_run, judge_run, per_class=2, seeds=transfer_folder) == expected
+
+    stranger = finished_run(tmp_path / "stranger", "classify", classes[:-1] + ("other",))
+    with pytest.raises(ValueError, match="stranger"):
+        class_score(generator_run, stranger, per_class=2, seeds=transfer_folder)
+    with pytest.raises(ValueError, match="not 'classify'"):
+        class_score(generator_run, generator_run, per_class=2, seeds=transfer_folder)
+
+
+def test_the_privacy_utility_table_gives_a_class_score_column_only_with_a_judge():
+    from simulations.privacy_utility import RunResult, table
+
+    results = {("generate", "pretrained", "target-epsilon=8.0"): [RunResult(23.7, 21.7, 7.99, None, 0.6),
+                                                                  RunResult(23.9, 21.9, 7.98, None, 0.7)],
+               ("enhance", "scratch", "dp=false"): [RunResult(30.0, 29.0, float("inf"), None, None)]}
+    lines = table(results).splitlines()
+    assert lines[0].endswith("| class score |")
+    assert lines[2].endswith("| 0.650 ± 0.071 (n=2) |") and "7.99" in lines[2]
+    assert lines[3].endswith("| 29.000 | - |")
+    plain = {key: [RunResult(r.headline, r.baseline, r.epsilon, r.unaveraged, None) for r in runs]
+             for key, runs in results.items()}
+    assert "class score" not in table(plain)

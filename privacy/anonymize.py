@@ -723,31 +723,33 @@ class AnonymizedFrame:
 def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box]]],
                 future: list[tuple[int, list[Box]]]) -> list[Box]:
     """Boxes carried over `index` from neighbouring frames. A past box whose nearest match
-    ahead (what looks like the same face) has it as its own nearest match behind is tracked:
-    the box interpolated between the two. A box with no match on the other side, and not
-    overlapping a box found on this frame, is held still (a face entering, leaving or
-    missed there). Duplicates are dropped: a static face gives the same box each frame."""
-    past_boxes = [a for _, before in past for a in before]
-    future_boxes = [b for _, after in future for b in after]
+    ahead (what can be the same face, given the frames between) has it as its own nearest
+    match behind is tracked: the box interpolated between the two. A box with no match on the
+    other side, and not overlapping a box found on this frame, is held still (a face entering,
+    leaving or missed there); so are both ends of a match farther apart than a slow face
+    goes, in case the pairing is wrong. Duplicates are dropped: a static face gives the same
+    box each frame."""
+    past_boxes = [(i, a) for i, before in past for a in before]
     held: set[Box] = set()
-    tracked: set[Box] = set()
-    for i, before in past:
-        for a in before:
-            matches = [(j, b) for j, after in future for b in after if _same_face(a, b)]
-            if matches:
-                j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
-                # Mutual nearest: two faces side by side are not swapped into one track.
-                if a is min((p for p in past_boxes if _same_face(p, b)),
-                            key=lambda p: _distance(p, b)):
-                    held.add(_interpolate(a, b, (index - i) / (j - i)))
+    tracked: set[Box] = set()  # future boxes whose face is carried without doubt
+    for i, a in past_boxes:
+        matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
+        if matches:
+            j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
+            # Mutual nearest: two faces side by side are not swapped into one track.
+            if a is min((p for k, p in past_boxes if _same_face(p, b, j - k)),
+                        key=lambda p: _distance(p, b)):
+                held.add(_interpolate(a, b, (index - i) / (j - i)))
+                if _same_face(a, b, 0):
                     tracked.add(b)
                     continue
-            if not any(_overlaps(a, c, 0.3) for c in current):
-                held.add(a)
-    for b in future_boxes:
-        if (b not in tracked and not any(_same_face(a, b) for a in past_boxes)
-                and not any(_overlaps(b, c, 0.3) for c in current)):
-            held.add(b)
+        if not any(_overlaps(a, c, 0.3) for c in current):
+            held.add(a)
+    for j, after in future:
+        for b in after:
+            if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
+                    and not any(_overlaps(b, c, 0.3) for c in current)):
+                held.add(b)
     return list(held)
 
 
@@ -767,9 +769,12 @@ def _drop_contained(regions: list[tuple[int, int, int, int]]) -> list[tuple[int,
     return kept
 
 
-def _same_face(a: Box, b: Box) -> bool:
+def _same_face(a: Box, b: Box, frames_apart: int) -> bool:
+    """Whether boxes `frames_apart` frames apart can be one face: sizes within 2x, centres
+    within two face widths plus one per frame between them (a face crossing a 1280 px frame
+    in 3 s moves 14 px a frame, the width of the smallest face the pyramid finds)."""
     ratio = max(a.w, b.w) / max(1, min(a.w, b.w))
-    return ratio < 2.0 and _distance(a, b) < 2.0 * max(a.w, a.h, b.w, b.h)
+    return ratio < 2.0 and _distance(a, b) < (2.0 + abs(frames_apart)) * max(a.w, a.h, b.w, b.h)
 
 
 def _interpolate(a: Box, b: Box, t: float) -> Box:

@@ -21,7 +21,7 @@ into frames, their boxes known), never on what a detector finds:
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried, with a still and a panning
-  camera.
+  camera, and with faces crossing the frame at 8 and 16 px a frame.
 deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
 cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
 onnxruntime`.
@@ -139,6 +139,32 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
             angle = 30 * np.sin(2 * np.pi * 2 * t / frames + phase)
             boxes.append(paste_face(canvas, sources[source % len(sources)], size, angle,
                                     (cx + offset, cy)))
+        writer.write(canvas)
+        truth.append(boxes)
+    writer.release()
+    return truth
+
+
+def crossing_video(path: Path, width: int, height: int, faces: list[tuple[int, int]],
+                   frames: int, speed: int) -> list[list[tuple[int, int, int, int]]]:
+    """Write an mp4 of real faces crossing the frame left to right at `speed` px per frame,
+    each in its own lane and entering again at the left, then, halfway, a cut to the same
+    faces standing elsewhere; return the boxes of the faces wholly in view in each frame."""
+    sources = face_sources()
+    rng = np.random.default_rng(5)
+    lanes = np.array([2.2 * size for size, _ in faces])  # a face's pasted surround: no overlap
+    rows = np.cumsum(lanes) - lanes / 2 + (height - lanes.sum()) / 2
+    starts, after_cut = rng.uniform(0, width, len(faces)), rng.uniform(100, width - 100, len(faces))
+    base = background(width, height)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (width, height))
+    truth = []
+    for t in range(frames):
+        canvas, boxes = base.copy(), []
+        for (size, source), x0, y, x_cut in zip(faces, starts, rows, after_cut):
+            x = (x0 + speed * t) % (width + 2 * size) - size if t < frames // 2 else x_cut
+            box = paste_face(canvas, sources[source % len(sources)], size, 0, (x, y))
+            if box[0] >= 0 and box[0] + box[2] <= width:
+                boxes.append(box)
         writer.write(canvas)
         truth.append(boxes)
     writer.release()
@@ -482,6 +508,12 @@ def bench_curve(settings, work, frames: int) -> None:
         src = work / f"curve-1280x720-pan{pan}.mp4"
         _curve(settings, read_frames_after(src, synthetic_video(src, 1280, 720, CURVE_FACES,
                                                                  frames, pan=pan)))
+    for speed in (8, 16):
+        print(f"\nRecall against frames/s, 1280x720 faces (14-96 px) crossing at {speed} px/frame, "
+              "then a cut, per pyramid schedule")
+        src = work / f"curve-1280x720-crossing{speed}.mp4"
+        truth = crossing_video(src, 1280, 720, CURVE_FACES[:-1], frames, speed)
+        _curve(settings, read_frames_after(src, truth), CROSSING_SCHEDULES)
 
 
 def read_frames_after(path: Path, truth):
@@ -489,9 +521,9 @@ def read_frames_after(path: Path, truth):
     return read_frames(path), truth
 
 
-def _curve(settings, video) -> None:
+def _curve(settings, video, schedules=None) -> None:
     originals, truth = video
-    for sizes, every, hold, reuse in CURVE_SCHEDULES:
+    for sizes, every, hold, reuse in schedules or CURVE_SCHEDULES:
         tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every,
                                     hold_frames=hold, reuse_unchanged=reuse)
         with FaceAnonymizer(tried) as anonymizer:
@@ -560,6 +592,7 @@ CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
                    ((512, 256, 96), (4, 8, 8), 8, True),
                    ((512, 256, 96, 64), (2, 4, 4, 4), 4, True),
                    ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
+CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 4)]
 
 
 def main() -> None:

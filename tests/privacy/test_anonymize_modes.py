@@ -106,6 +106,39 @@ def test_a_face_found_on_keyframes_is_tracked_not_smeared(anon_settings):
     assert all(np.any(o != f) for o, f in zip(out, frames))
 
 
+class FastSmallFace:
+    """A detector that finds a 12 px face moving right 16 px a frame (a person crossing a
+    1280 px frame in under 3 s), on every 4th frame only, as the finest pyramid level does."""
+
+    model_sha256 = {}
+    step, every = 16, 4
+
+    def __init__(self):
+        self.calls = 0
+
+    def detect(self, rgb, window_sizes, memory=None):
+        index, self.calls = self.calls, self.calls + 1
+        return [self.box(index)] if index % self.every == 0 else []
+
+    @classmethod
+    def box(cls, index: int) -> Box:
+        return Box(20 + cls.step * index, 100, 12, 12)
+
+
+def test_a_small_fast_face_is_tracked_between_keyframes(anon_settings):
+    """Between keyframes a small fast face moves several of its widths: it must still be
+    matched to itself and its box carried along, not held where it was last seen."""
+    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
+              for i in range(13)]
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
+                                detector=FastSmallFace())
+    out, _ = anonymizer.anonymize_frames(frames)
+    for index, (o, f) in enumerate(zip(out, frames)):
+        face = FastSmallFace.box(index)
+        changed = np.any(o != f, axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
+        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+
+
 def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
     walkers, truth = walkers_video(frames=12, size=(384, 288))
     found = {}

@@ -651,7 +651,7 @@ class VideoStream:
     heads: HeadFinder | None = None
     stats: AnonymizeStats = field(default_factory=AnonymizeStats)
     _pending: deque = field(default_factory=deque)
-    _recent: deque = field(default_factory=deque)  # (index, boxes) of emitted frames
+    _recent: deque = field(default_factory=deque)  # (index, boxes, their velocities) of emitted frames
     _count: int = 0
     _memory: PassMemory | None = None
 
@@ -690,7 +690,7 @@ class VideoStream:
     def _emit(self) -> "AnonymizedFrame":
         settings = self.anonymizer.settings
         current = self._pending.popleft()
-        past = [(i, b) for i, b in self._recent if current.index - i <= settings.hold_frames]
+        past = [entry for entry in self._recent if current.index - entry[0] <= settings.hold_frames]
         future = [(p.index, p.boxes) for p in self._pending
                   if p.index - current.index <= settings.hold_frames]
         boxes = list(dict.fromkeys(current.boxes + _held_boxes(current.index, current.boxes, past, future)))
@@ -698,7 +698,8 @@ class VideoStream:
         with_heads = current.heads is not None and bool(current.heads.any())
         if with_heads:
             hide_mask(out, current.heads)
-        self._recent.append((current.index, current.boxes))
+        self._recent.append((current.index, current.boxes,
+                             _velocities(current.index, current.boxes, past)))
         while self._recent and current.index - self._recent[0][0] >= settings.hold_frames:
             self._recent.popleft()
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
@@ -720,37 +721,57 @@ class AnonymizedFrame:
     hidden: list[Box]
 
 
-def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box]]],
+def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box], dict]],
                 future: list[tuple[int, list[Box]]]) -> list[Box]:
     """Boxes carried over `index` from neighbouring frames. A past box whose nearest match
     ahead (what can be the same face, given the frames between) has it as its own nearest
     match behind is tracked: the box interpolated between the two. A box with no match on the
     other side, and not overlapping a box found on this frame, is held still (a face entering,
-    leaving or missed there); so are both ends of a match farther apart than a slow face
-    goes, in case the pairing is wrong. Duplicates are dropped: a static face gives the same
-    box each frame."""
-    past_boxes = [(i, a) for i, before in past for a in before]
+    leaving or missed there) and, if it was moving, also carried on at its speed; so are both
+    ends of a match farther apart than a slow face goes, in case the pairing is wrong.
+    Duplicates are dropped: a static face gives the same box each frame."""
+    past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
-    for i, a in past_boxes:
-        matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
-        if matches:
-            j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
-            # Mutual nearest: two faces side by side are not swapped into one track.
-            if a is min((p for k, p in past_boxes if _same_face(p, b, j - k)),
-                        key=lambda p: _distance(p, b)):
-                held.add(_interpolate(a, b, (index - i) / (j - i)))
-                if _same_face(a, b, 0):
-                    tracked.add(b)
-                    continue
-        if not any(_overlaps(a, c, 0.3) for c in current):
-            held.add(a)
+    for i, before, velocities in past:
+        for a in before:
+            matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
+            if matches:
+                j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
+                # Mutual nearest: two faces side by side are not swapped into one track.
+                if a is min((p for k, p in past_boxes if _same_face(p, b, j - k)),
+                            key=lambda p: _distance(p, b)):
+                    held.add(_interpolate(a, b, (index - i) / (j - i)))
+                    if _same_face(a, b, 0):
+                        tracked.add(b)
+                        continue
+            # No match, or one too far to be sure of: held still, and carried on if it moved.
+            for kept in {a, _moved(a, velocities.get(a, (0.0, 0.0)), index - i)}:
+                if not any(_overlaps(kept, c, 0.3) for c in current):
+                    held.add(kept)
     for j, after in future:
         for b in after:
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
     return list(held)
+
+
+def _velocities(index: int, boxes: list[Box],
+                past: list[tuple[int, list[Box], dict]]) -> dict[Box, tuple[float, float]]:
+    """Pixels per frame of each box since the latest earlier box that can be the same face."""
+    speeds = {}
+    for box in boxes:
+        earlier = [(i, p) for i, before, _ in past for p in before if _same_face(p, box, index - i)]
+        if earlier:
+            i, p = max(earlier, key=lambda match: (match[0], -_distance(match[1], box)))
+            speeds[box] = ((box.x - p.x) / (index - i), (box.y - p.y) / (index - i))
+    return speeds
+
+
+def _moved(box: Box, velocity: tuple[float, float], frames: int) -> Box:
+    return dataclasses.replace(box, x=int(round(box.x + velocity[0] * frames)),
+                               y=int(round(box.y + velocity[1] * frames)))
 
 
 def _distance(a: Box, b: Box) -> float:

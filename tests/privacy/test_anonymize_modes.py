@@ -139,6 +139,26 @@ def test_a_small_fast_face_is_tracked_between_keyframes(anon_settings):
         assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
 
 
+class LostAfterFrame8(FastSmallFace):
+    """The same face, no longer found after frame 8 (it turns away, or a cut follows)."""
+
+    def detect(self, rgb, window_sizes, memory=None):
+        found = super().detect(rgb, window_sizes, memory)
+        return found if self.calls <= 9 else []
+
+
+def test_a_fast_face_no_longer_found_is_carried_on_at_its_speed(anon_settings):
+    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
+              for i in range(12)]
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
+                                detector=LostAfterFrame8())
+    out, _ = anonymizer.anonymize_frames(frames)
+    for index in (9, 10, 11):  # 16, 32 and 48 px past where it was last found
+        face = FastSmallFace.box(index)
+        changed = np.any(out[index] != frames[index], axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
+        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+
+
 def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
     walkers, truth = walkers_video(frames=12, size=(384, 288))
     found = {}

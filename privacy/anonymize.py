@@ -693,7 +693,9 @@ class VideoStream:
         past = [entry for entry in self._recent if current.index - entry[0] <= settings.hold_frames]
         future = [(p.index, p.boxes) for p in self._pending
                   if p.index - current.index <= settings.hold_frames]
-        boxes = list(dict.fromkeys(current.boxes + _held_boxes(current.index, current.boxes, past, future)))
+        held = _held_boxes(current.index, current.boxes, past, future, current.frame.shape,
+                           settings.hold_frames)
+        boxes = list(dict.fromkeys(current.boxes + held))
         out = hide_faces(current.frame, boxes, settings)
         with_heads = current.heads is not None and bool(current.heads.any())
         if with_heads:
@@ -722,14 +724,16 @@ class AnonymizedFrame:
 
 
 def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box], dict]],
-                future: list[tuple[int, list[Box]]]) -> list[Box]:
+                future: list[tuple[int, list[Box]]], shape: tuple[int, ...], hold: int) -> list[Box]:
     """Boxes carried over `index` from neighbouring frames. A past box whose nearest match
     ahead (what can be the same face, given the frames between) has it as its own nearest
     match behind is tracked: the box interpolated between the two. A box with no match on the
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
-    ends of a match farther apart than a slow face goes, in case the pairing is wrong.
-    Duplicates are dropped: a static face gives the same box each frame."""
+    ends of a match farther apart than a slow face goes, in case the pairing is wrong. A box
+    ahead that nothing behind can be is also stretched to a frame edge within a face's reach
+    (it may have come in from there). Duplicates are dropped: a static face gives the same box
+    each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
@@ -754,7 +758,22 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
+                if not any(_same_face(a, b, j - i) for i, a in past_boxes):
+                    held.add(_from_edge(b, j - index, hold, shape))
     return list(held)
+
+
+def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> Box:
+    """`box`, found `frames` frames later, stretched as far as `_same_face` lets a face move
+    in that time towards each frame edge it could have come in from within the hold."""
+    height, width = shape[:2]
+    side = max(box.w, box.h)
+    reach, stretch = (2 + hold) * side, (2 + frames) * side
+    x0 = max(box.x - stretch, 0) if box.x < reach else box.x
+    y0 = max(box.y - stretch, 0) if box.y < reach else box.y
+    x1 = min(box.x + box.w + stretch, width) if width - box.x - box.w < reach else box.x + box.w
+    y1 = min(box.y + box.h + stretch, height) if height - box.y - box.h < reach else box.y + box.h
+    return dataclasses.replace(box, x=x0, y=y0, w=x1 - x0, h=y1 - y0)
 
 
 def _velocities(index: int, boxes: list[Box],

@@ -159,6 +159,30 @@ def test_a_fast_face_no_longer_found_is_carried_on_at_its_speed(anon_settings):
         assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
 
 
+class EntersFromTheLeft(FastSmallFace):
+    """The same face coming in from the left edge (x = -12 on frame 0), found from frame 4."""
+
+    @classmethod
+    def box(cls, index: int) -> Box:
+        return Box(-12 + cls.step * index, 100, 12, 12)
+
+    def detect(self, rgb, window_sizes, memory=None):
+        found = super().detect(rgb, window_sizes, memory)
+        return found if self.calls > 1 else []
+
+
+def test_a_fast_face_coming_in_from_the_edge_is_covered_before_it_is_found(anon_settings):
+    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
+              for i in range(9)]
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
+                                detector=EntersFromTheLeft())
+    out, _ = anonymizer.anonymize_frames(frames)
+    for index in (1, 2, 3):  # wholly in view, 48, 32 and 16 px before where it is first found
+        face = EntersFromTheLeft.box(index)
+        changed = np.any(out[index] != frames[index], axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
+        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+
+
 def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
     walkers, truth = walkers_video(frames=12, size=(384, 288))
     found = {}

@@ -125,18 +125,23 @@ class FastSmallFace:
         return Box(20 + cls.step * index, 100, 12, 12)
 
 
+def assert_fast_face_hidden(anon_settings, detector: FastSmallFace, frames: int, checked) -> None:
+    """Anonymize `frames` noise frames with `detector` (hold 4); on each `checked` frame at
+    least 90% of the face where `detector.box` says it is must be changed."""
+    video = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
+             for i in range(frames)]
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4), detector=detector)
+    out, _ = anonymizer.anonymize_frames(video)
+    for index in checked:
+        face = detector.box(index)
+        changed = np.any(out[index] != video[index], axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
+        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+
+
 def test_a_small_fast_face_is_tracked_between_keyframes(anon_settings):
     """Between keyframes a small fast face moves several of its widths: it must still be
     matched to itself and its box carried along, not held where it was last seen."""
-    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
-              for i in range(13)]
-    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
-                                detector=FastSmallFace())
-    out, _ = anonymizer.anonymize_frames(frames)
-    for index, (o, f) in enumerate(zip(out, frames)):
-        face = FastSmallFace.box(index)
-        changed = np.any(o != f, axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
-        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+    assert_fast_face_hidden(anon_settings, FastSmallFace(), 13, range(13))
 
 
 class LostAfterFrame8(FastSmallFace):
@@ -148,15 +153,8 @@ class LostAfterFrame8(FastSmallFace):
 
 
 def test_a_fast_face_no_longer_found_is_carried_on_at_its_speed(anon_settings):
-    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
-              for i in range(12)]
-    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
-                                detector=LostAfterFrame8())
-    out, _ = anonymizer.anonymize_frames(frames)
-    for index in (9, 10, 11):  # 16, 32 and 48 px past where it was last found
-        face = FastSmallFace.box(index)
-        changed = np.any(out[index] != frames[index], axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
-        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+    # 16, 32 and 48 px past where it was last found
+    assert_fast_face_hidden(anon_settings, LostAfterFrame8(), 12, (9, 10, 11))
 
 
 class EntersFromTheLeft(FastSmallFace):
@@ -172,15 +170,8 @@ class EntersFromTheLeft(FastSmallFace):
 
 
 def test_a_fast_face_coming_in_from_the_edge_is_covered_before_it_is_found(anon_settings):
-    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
-              for i in range(9)]
-    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
-                                detector=EntersFromTheLeft())
-    out, _ = anonymizer.anonymize_frames(frames)
-    for index in (1, 2, 3):  # wholly in view, 48, 32 and 16 px before where it is first found
-        face = EntersFromTheLeft.box(index)
-        changed = np.any(out[index] != frames[index], axis=2)[face.y:face.y + face.h, face.x:face.x + face.w]
-        assert changed.mean() > 0.9, f"frame {index}: {changed.mean():.0%} of the face hidden"
+    # wholly in view, 48, 32 and 16 px before where it is first found
+    assert_fast_face_hidden(anon_settings, EntersFromTheLeft(), 9, (1, 2, 3))
 
 
 def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):

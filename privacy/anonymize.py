@@ -731,9 +731,9 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
     ends of a match farther apart than a slow face goes, in case the pairing is wrong. A box
-    ahead that nothing behind can be is also stretched to a frame edge within a face's reach
-    (it may have come in from there). Duplicates are dropped: a static face gives the same box
-    each frame."""
+    ahead that nothing behind can be is also stretched towards a near frame edge, as far as a
+    face moves meanwhile (it may have come in from there). Duplicates are dropped: a static
+    face gives the same box each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt

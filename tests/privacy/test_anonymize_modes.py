@@ -16,7 +16,7 @@ from privacy.anonymize import (ANONYMIZE_MODES, AnonymizerSettings, Box, FaceAno
                                region_of)
 from privacy.anonymize_centerface import CenterFaceDetector
 from privacy.anonymize_heads import HeadFinder, HeadSettings, median_background
-from simulations.bench_anonymize import fine_detail, walkers_video
+from simulations.bench_anonymize import hidden, walkers_video
 
 
 def bgr(rgb: np.ndarray) -> np.ndarray:
@@ -48,12 +48,12 @@ def test_the_face_is_hidden_in_gray_within_its_scaled_box_and_nothing_else_chang
         face_anonymizer, real_faces):
     image, face = bgr(real_faces[0].image), real_faces[0].box
     out, boxes = face_anonymizer.anonymize_image(image)
-    assert fine_detail(out, face) / fine_detail(image, face) <= 0.4
+    assert hidden(image, out, face)
     region = region_of(boxes[0], face_anonymizer.settings, image.shape)
     x0, y0, x1, y1 = region
     # A tight rectangle, in gray: the blurred face keeps no skin tone.
-    hidden = out[y0:y1, x0:x1].astype(int)
-    assert np.array_equal(hidden[..., 0], hidden[..., 1]) and np.array_equal(hidden[..., 1], hidden[..., 2])
+    patch = out[y0:y1, x0:x1].astype(int)
+    assert np.array_equal(patch[..., 0], patch[..., 1]) and np.array_equal(patch[..., 1], patch[..., 2])
     outside = np.ones(image.shape[:2], bool)
     for box in boxes:
         rx0, ry0, rx1, ry1 = region_of(box, face_anonymizer.settings, image.shape)
@@ -68,7 +68,7 @@ def test_an_ellipse_leaves_the_corners_of_its_box(anon_settings, real_faces):
     settings = dataclasses.replace(anon_settings, ellipse=True, box_scale=1.6, keep_colour=True)
     with FaceAnonymizer(settings) as anonymizer:
         out, boxes = anonymizer.anonymize_image(image)
-    assert fine_detail(out, face) / fine_detail(image, face) <= 0.4
+    assert hidden(image, out, face)
     x0, y0, x1, y1 = region_of(boxes[0], settings, image.shape)
     corners = [(y0, x0), (y0, x1 - 1), (y1 - 1, x0), (y1 - 1, x1 - 1)]
     assert all(np.array_equal(out[y, x], image[y, x]) for y, x in corners)
@@ -182,9 +182,9 @@ def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
         # No face detector: what is hidden here is hidden by the head finder alone.
         anonymizer = FaceAnonymizer(settings, detector=NoFaces())
         out, stats = anonymizer.anonymize_frames(walkers)
-        hidden = [fine_detail(o, box) / max(fine_detail(f, box), 1e-6) <= 0.4
-                  for f, o, boxes in zip(walkers, out, truth) for box in boxes]
-        found[mode] = (np.mean(hidden), stats.frames_with_heads)
+        heads_hidden = [hidden(f, o, box) for f, o, boxes in zip(walkers, out, truth)
+                        for box in boxes]
+        found[mode] = (np.mean(heads_hidden), stats.frames_with_heads)
     assert found["faces"] == (0.0, 0)
     assert found["faces+heads"][0] >= 0.6 and found["faces+heads"][1] == len(walkers)
 

@@ -11,7 +11,7 @@ import numpy as np
 from skimage import data
 
 from privacy.anonymize import Box, FaceAnonymizer, PassMemory
-from simulations.bench_anonymize import fine_detail, paste_face
+from simulations.bench_anonymize import hidden, paste_face
 
 
 def bgr(rgb: np.ndarray) -> np.ndarray:
@@ -39,10 +39,6 @@ def counting(anonymizer: FaceAnonymizer) -> list[int]:
 
     detector._scan, detector.detect = scan, detect
     return rows
-
-
-def hidden(original, output, box) -> bool:
-    return fine_detail(output, box) / max(fine_detail(original, box), 1e-6) <= 0.4
 
 
 def test_passes_over_a_still_scene_run_once_then_are_reused(anon_settings, real_faces):

@@ -57,6 +57,9 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 # so that caches keyed on `settings_key()` are invalidated.
 ALGORITHM_VERSION = 5
 BLUR_MODES = ("gaussian", "pixelate", "fill")
+# The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
+# in 1.3 s at 30 frames/s.
+FAST_FACE_PX = 32
 # What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
 # found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
 # for footage whose faces are too small for a face detector.
@@ -760,7 +763,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
     ends of a match farther apart than a slow face goes, in case the pairing is wrong. A box
-    ahead that nothing behind can be is also stretched towards a near frame edge, as far as a
+    ahead that nothing behind can be is also stretched towards the nearest frame edge, as far as a
     face moves meanwhile (it may have come in from there). Duplicates are dropped: a static
     face gives the same box each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
@@ -793,15 +796,27 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
 
 
 def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> Box:
-    """`box`, found `frames` frames later, stretched as far as `_same_face` lets a face move
-    in that time towards each frame edge it could have come in from within the hold."""
+    """`box`, found `frames` frames later, stretched towards the frame edge nearest to it,
+    if it is near enough to have come in from there within the hold, by as far as a face
+    moves in that time: `_same_face`'s one width a frame, at most FAST_FACE_PX (a large box
+    near the middle of a small frame is not stretched over all of it)."""
     height, width = shape[:2]
-    side = max(box.w, box.h)
-    reach, stretch = (2 + hold) * side, (2 + frames) * side
-    x0 = max(box.x - stretch, 0) if box.x < reach else box.x
-    y0 = max(box.y - stretch, 0) if box.y < reach else box.y
-    x1 = min(box.x + box.w + stretch, width) if width - box.x - box.w < reach else box.x + box.w
-    y1 = min(box.y + box.h + stretch, height) if height - box.y - box.h < reach else box.y + box.h
+    step = min(max(box.w, box.h), FAST_FACE_PX)
+    reach, stretch = (2 + hold) * step, (2 + frames) * step
+    gaps = {"left": box.x, "top": box.y, "right": width - box.x - box.w,
+            "bottom": height - box.y - box.h}
+    edge = min(gaps, key=gaps.get)
+    if gaps[edge] >= reach:
+        return box
+    x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
+    if edge == "left":
+        x0 = max(x0 - stretch, 0)
+    elif edge == "top":
+        y0 = max(y0 - stretch, 0)
+    elif edge == "right":
+        x1 = min(x1 + stretch, width)
+    else:
+        y1 = min(y1 + stretch, height)
     return dataclasses.replace(box, x=x0, y=y0, w=x1 - x0, h=y1 - y0)
 
 

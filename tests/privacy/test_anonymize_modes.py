@@ -174,6 +174,32 @@ def test_a_fast_face_coming_in_from_the_edge_is_covered_before_it_is_found(anon_
     assert_fast_face_hidden(anon_settings, EntersFromTheLeft(), 9, (1, 2, 3))
 
 
+class LargeBoxFromFrame6:
+    """A 180 px box near the middle of a 768x576 frame, found from frame 6 on (a face
+    stepping close to the camera, or a false positive)."""
+
+    model_sha256 = {}
+
+    def __init__(self):
+        self.calls = 0
+
+    def detect(self, rgb, window_sizes, memory=None):
+        self.calls += 1
+        return [Box(300, 200, 180, 180)] if self.calls > 6 else []
+
+
+def test_a_large_new_box_is_not_stretched_over_the_frame(anon_settings):
+    video = [np.random.default_rng(i).integers(0, 255, (576, 768, 3), np.uint8) for i in range(10)]
+    anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
+                                detector=LargeBoxFromFrame6())
+    out, _ = anonymizer.anonymize_frames(video)
+    changed = [np.any(o != v, axis=2).mean() for o, v in zip(out, video)]
+    # Held on the frames before it (a face missed there), stretched towards the nearest edge
+    # (the top, 200 px away) by at most 32 px a frame, never the whole frame.
+    assert changed[0] == changed[1] == 0.0
+    assert all(0.12 < c < 0.3 for c in changed[2:]), changed
+
+
 def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
     walkers, truth = walkers_video(frames=12, size=(384, 288))
     found = {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -126,7 +128,9 @@ def _background_of(src: Path, samples: int = 25) -> np.ndarray:
 def _encode_video(anonymizer: FaceAnonymizer, capture, first: np.ndarray, tmp: Path,
                   previews: list[AnonymizedFrame], progress: bool, name: str,
                   background: np.ndarray | None = None) -> AnonymizeStats:
-    """Stream the frames of `capture` (whose first frame is already read) into an mp4."""
+    """Stream the frames of `capture` (whose first frame is already read) into an mp4. The
+    next frame is decoded and finished ones are encoded in threads of their own (OpenCV
+    lets go of the GIL) while the detector works on the current one."""
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if fps and np.isfinite(fps) and fps > 0 else 30.0
     expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
@@ -135,17 +139,26 @@ def _encode_video(anonymizer: FaceAnonymizer, capture, first: np.ndarray, tmp: P
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise VideoError(tmp, "cannot open an mp4 encoder for it")
+    stream = anonymizer.stream(background)
+    writes: deque[Future] = deque()
     try:
-        stream = anonymizer.stream(background)
-        with _progress_bar(progress, name, expected) as advance:
+        with (_progress_bar(progress, name, expected) as advance,
+              ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(1) as encoder):
+            def encode(items: list[AnonymizedFrame]) -> None:
+                writes.extend(encoder.submit(_emit, writer, item, picks, previews, advance)
+                              for item in items)
+                while writes and writes[0].done():
+                    writes.popleft().result()  # an encoding error stops the run
+
             frame = first
             while frame is not None:
-                for item in stream.push(frame):
-                    _emit(writer, item, picks, previews, advance)
-                ok, frame = capture.read()
+                decoded = decoder.submit(capture.read)
+                encode(stream.push(frame))
+                ok, frame = decoded.result()
                 frame = frame if ok else None
-            for item in stream.finish():
-                _emit(writer, item, picks, previews, advance)
+            encode(stream.finish())
+            while writes:
+                writes.popleft().result()
     finally:
         writer.release()
     return stream.stats

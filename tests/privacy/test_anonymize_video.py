@@ -106,3 +106,24 @@ def test_unsupported_extensions_are_rejected(tmp_path, anon_settings):
     with pytest.raises(VideoError, match="out.jpg"):
         anonymize_file(image, tmp_path / "out.jpg", anon_settings, progress=False)
     assert issubclass(VideoError, ValueError)
+
+
+def test_an_encoding_error_stops_the_run_and_leaves_no_output(tmp_path, anon_settings, real_faces,
+                                                              monkeypatch):
+    # Frames are encoded in a thread of their own: its error must still surface.
+    import privacy.anonymize_video as anonymize_video
+
+    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    write_face_video(src, "mp4v", real_faces)
+    written = []
+
+    def failing_emit(writer, item, *rest):
+        if len(written) == 5:
+            raise OSError("disk full")
+        written.append(item.index)
+
+    monkeypatch.setattr(anonymize_video, "_emit", failing_emit)
+    with pytest.raises(OSError, match="disk full"):
+        anonymize_file(src, dst, anon_settings, progress=False)
+    assert written == [0, 1, 2, 3, 4]  # in order, and none after the error
+    assert not dst.exists() and not list(tmp_path.glob(".out*"))

@@ -114,9 +114,15 @@ class AnonymizerSettings:
     window_sizes / window_every: pyramid levels (the window of the frame that the network's
         128 px input sees) and, for each, on every how many frames of a video it runs. The
         96 px level finds faces of 14-96 px in 1280x720 frames, the 256 and 512 px levels
-        32 px and larger; the whole-frame passes run on every frame. Levels whose window is
-        not smaller than the frame are skipped: small training frames get the whole-frame
-        passes only. The recall and frames/s of other schedules: `bench_anonymize`, curve.
+        32 px and larger; the whole-frame short-range pass runs on every frame. Levels whose
+        window is not smaller than the frame are skipped: small training frames get the
+        whole-frame passes only. The recall and frames/s of other schedules:
+        `bench_anonymize`, curve.
+    full_range_every: in a video, MediaPipe's full-range pass runs on every how many frames
+        (the last of each run of them), where the largest level runs too; on frames no level
+        is smaller than, every frame. It finds the sizes the 512 px level finds (every face
+        of the benchmark's videos is covered without it), and took 8 of 55 ms per 720p frame:
+        with 2, on the frames the 512 px level skips, 19.0 -> 21.2 frames/s.
     image_window_sizes / image_window_confidence: further, finer levels run on single
         images only, whose boxes need image_window_confidence: 64 px windows find every
         14 px face of the benchmark's 1280x720 stills (the 96 px level alone 79%); in a
@@ -150,6 +156,7 @@ class AnonymizerSettings:
     hold_frames: int = 4
     window_sizes: tuple[int, ...] = (512, 256, 96)
     window_every: tuple[int, ...] = (2, 4, 4)
+    full_range_every: int = 2
     image_window_sizes: tuple[int, ...] = (64,)
     image_window_confidence: float = 0.45
     nms_iou: float = 0.3
@@ -187,12 +194,14 @@ class AnonymizerSettings:
             raise ValueError(f"box_scale must be >= 1, got {self.box_scale}")
         if len(self.window_sizes) != len(self.window_every) or min(self.window_every, default=1) < 1:
             raise ValueError("window_every needs one positive entry per window size")
+        if self.full_range_every < 1:
+            raise ValueError(f"full_range_every must be >= 1, got {self.full_range_every}")
         if min(self.window_sizes + self.image_window_sizes, default=32) < 32:
             raise ValueError("window sizes below 32 px (frames scaled up 4x) find nothing more")
         # A level that skips frames relies on the hold to cover the frames in between.
-        if self.hold_frames < max(self.window_every, default=1) - 1:
-            raise ValueError("hold_frames must be at least max(window_every) - 1, or faces "
-                             "found only on keyframes would flicker unblurred")
+        if self.hold_frames < max((*self.window_every, self.full_range_every)) - 1:
+            raise ValueError("hold_frames must be at least max(window_every, full_range_every) - 1, "
+                             "or faces found only on keyframes would flicker unblurred")
 
 
 @dataclass
@@ -219,7 +228,7 @@ class FaceDetectorLike(Protocol):
     model_sha256: dict[str, str]
 
     def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
-               memory: "PassMemory | None" = None) -> list[Box]: ...
+               memory: "PassMemory | None" = None, full_range: bool = True) -> list[Box]: ...
 
 
 # ---------------------------------------------------------------------------- detection
@@ -321,16 +330,18 @@ class PyramidFaceDetector:
         self._finalizer()
 
     def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
-               memory: "PassMemory | None" = None) -> list[Box]:
-        """Faces in an RGB uint8 frame: the whole frame with both models, then, for each
-        size in `window_sizes` smaller than the frame, every 128 px window of the frame
-        scaled by 128 / size. `memory` (one per video): a pass looks again only at the bands
-        of rows whose pixels changed since it last looked at them, and keeps what it found
-        in the others."""
+               memory: "PassMemory | None" = None, full_range: bool = True) -> list[Box]:
+        """Faces in an RGB uint8 frame: the whole frame with the short-range model and, if
+        `full_range`, the full-range one, then, for each size in `window_sizes` smaller than
+        the frame, every 128 px window of the frame scaled by 128 / size. `memory` (one per
+        video): a pass looks again only at the bands of rows whose pixels changed since it
+        last looked at them, and keeps what it found in the others."""
         height, width = rgb.shape[:2]
         if memory is not None:
             memory.next_frame(rgb)
-        boxes = self._whole_frame(rgb, memory)
+        boxes = self._whole_frame("whole", rgb, memory)
+        if full_range:
+            boxes += self._whole_frame("full_range", rgb, memory)
         for size in window_sizes:
             if size >= max(width, height):
                 continue
@@ -341,13 +352,17 @@ class PyramidFaceDetector:
         boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
 
-    def _whole_frame(self, rgb: np.ndarray, memory: "PassMemory | None") -> list[Box]:
+    def _whole_frame(self, model: str, rgb: np.ndarray, memory: "PassMemory | None") -> list[Box]:
+        """The whole frame with the "whole" (short-range) or "full_range" model."""
         height, width = rgb.shape[:2]
-        if memory is not None and not memory.stale_bands("whole", max(height, width)).any():
-            return memory.boxes("whole")
-        found = self._scan(rgb, max(height, width), 0, height) + _mediapipe_boxes(self.full_range, rgb)
+        if memory is not None and not memory.stale_bands(model, max(height, width)).any():
+            return memory.boxes(model)
+        if model == "whole":
+            found = self._scan(rgb, max(height, width), 0, height)
+        else:
+            found = _mediapipe_boxes(self.full_range, rgb)
         if memory is not None:
-            memory.update("whole", 0, height, found)
+            memory.update(model, 0, height, found)
         return found
 
     def _level(self, rgb: np.ndarray, size: int, memory: "PassMemory | None") -> list[Box]:
@@ -663,9 +678,17 @@ class FaceAnonymizer:
         done += stream.finish()
         return [item.frame for item in done], stream.stats
 
-    def _window_sizes_for(self, frame_index: int) -> list[int]:
-        return [size for size, every in zip(self.settings.window_sizes, self.settings.window_every)
-                if frame_index % every == 0]
+    def _passes_for(self, frame_index: int, shape: tuple[int, ...]) -> tuple[list[int], bool]:
+        """The pyramid levels that run on a frame of a video, and whether the full-range pass
+        does: on the frames given by full_range_every, or on every frame where no level is
+        smaller than the frame (the whole-frame passes are then all there is)."""
+        settings = self.settings
+        sizes = [size for size, every in zip(settings.window_sizes, settings.window_every)
+                 if frame_index % every == 0]
+        every = settings.full_range_every
+        full_range = (frame_index % every == every - 1
+                      or max(shape[:2]) <= max(settings.window_sizes, default=0))
+        return sizes, full_range
 
 
 @dataclass
@@ -699,8 +722,9 @@ class VideoStream:
         """Detect faces in the next frame; return the frames that are now final."""
         index = self._count
         self._count += 1
-        boxes = self.anonymizer.detector.detect(
-            _to_rgb(frame), self.anonymizer._window_sizes_for(index), memory=self._memory)
+        sizes, full_range = self.anonymizer._passes_for(index, frame.shape)
+        boxes = self.anonymizer.detector.detect(_to_rgb(frame), sizes, memory=self._memory,
+                                                full_range=full_range)
         heads = self.heads.head_mask(frame) if self.heads is not None else None
         self._pending.append(_Pending(index, frame, boxes, heads))
         hold = self.anonymizer.settings.hold_frames
@@ -711,13 +735,12 @@ class VideoStream:
 
     def finish(self) -> list["AnonymizedFrame"]:
         """Return the frames still waiting for look-ahead (end of the video). The last
-        frame is scanned by every pyramid level first, so that a face found only on
-        keyframes is tracked to the end of the video rather than held where it was last
-        seen."""
+        frame is scanned by every pass first, so that a face found only on keyframes is
+        tracked to the end of the video rather than held where it was last seen."""
         if self._pending:
             last = self._pending[-1]
             sizes = self.anonymizer.settings.window_sizes
-            if self.anonymizer._window_sizes_for(last.index) != list(sizes):
+            if self.anonymizer._passes_for(last.index, last.frame.shape) != (list(sizes), True):
                 found = self.anonymizer.detector.detect(_to_rgb(last.frame), sizes)
                 last.boxes = merge_boxes(last.boxes + found, self.anonymizer.settings.nms_iou)
         return [self._emit() for _ in range(len(self._pending))]

@@ -534,7 +534,8 @@ def _curve(settings, video, schedules=None) -> None:
     originals, truth = video
     for sizes, every, hold, reuse in schedules or CURVE_SCHEDULES:
         tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every,
-                                    hold_frames=hold, reuse_unchanged=reuse)
+                                    hold_frames=hold, reuse_unchanged=reuse,
+                                    full_range_every=1 if hold == 0 else settings.full_range_every)
         with FaceAnonymizer(tried) as anonymizer:
             start = time.perf_counter()
             outs, _ = anonymizer.anonymize_frames(originals)

@@ -200,7 +200,7 @@ class DropOnFrame:
         self.inner, self.missed = inner, _to_rgb(clip[frame])
         self.model_sha256 = inner.model_sha256
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         if np.array_equal(rgb, self.missed):
             return []
         return self.inner.detect(rgb, window_sizes)
@@ -224,7 +224,8 @@ def test_temporal_hold_blurs_a_frame_the_detector_missed(face_anonymizer, real_f
     assert stats.faces_blurred == len(clip) - 1
     assert detail_kept(clip[missed], out[missed], face) <= MAX_DETAIL_KEPT
     # Without the hold the same miss leaves the face visible: the check above can fail.
-    no_hold = dataclasses.replace(face_anonymizer.settings, hold_frames=0, window_every=(1, 1, 1))
+    no_hold = dataclasses.replace(face_anonymizer.settings, hold_frames=0, window_every=(1, 1, 1),
+                                  full_range_every=1)
     bare = FaceAnonymizer(no_hold, detector=DropOnFrame(detector, clip, missed))
     unheld, _ = bare.anonymize_frames(clip)
     assert detail_kept(clip[missed], unheld[missed], face) > 0.8
@@ -246,7 +247,7 @@ class BrokenDetector:
     def __init__(self, fail_on: int):
         self.fail_on, self.calls = fail_on, 0
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         self.calls += 1
         if self.calls > self.fail_on:
             raise RuntimeError("detector crashed")
@@ -298,5 +299,9 @@ def test_invalid_settings_are_rejected():
         AnonymizerSettings(window_sizes=(512, 96), window_every=(2, 4, 4))
     with pytest.raises(ValueError, match="threads"):
         AnonymizerSettings(threads=-1)
+    with pytest.raises(ValueError, match="full_range_every"):
+        AnonymizerSettings(full_range_every=0)
+    with pytest.raises(ValueError, match="hold_frames"):
+        AnonymizerSettings(hold_frames=0, window_every=(1, 1, 1))  # the full-range pass skips frames
     with pytest.raises(ValueError, match="grain"):
         AnonymizerSettings(grain=-1.0)

@@ -85,7 +85,7 @@ class KeyframesOnly:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         index, self.calls = self.calls, self.calls + 1
         return {0: [Box(100, 100, 40, 40)], 8: [Box(170, 100, 40, 40)]}.get(index, [])
 
@@ -116,7 +116,7 @@ class FastSmallFace:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         index, self.calls = self.calls, self.calls + 1
         return [self.box(index)] if index % self.every == 0 else []
 
@@ -147,7 +147,7 @@ def test_a_small_fast_face_is_tracked_between_keyframes(anon_settings):
 class LostAfterFrame8(FastSmallFace):
     """The same face, no longer found after frame 8 (it turns away, or a cut follows)."""
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         found = super().detect(rgb, window_sizes, memory)
         return found if self.calls <= 9 else []
 
@@ -164,7 +164,7 @@ class EntersFromTheLeft(FastSmallFace):
     def box(cls, index: int) -> Box:
         return Box(-12 + cls.step * index, 100, 12, 12)
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         found = super().detect(rgb, window_sizes, memory)
         return found if self.calls > 1 else []
 
@@ -183,7 +183,7 @@ class LargeBoxFromFrame6:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         self.calls += 1
         return [Box(300, 200, 180, 180)] if self.calls > 6 else []
 
@@ -218,7 +218,7 @@ def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
 class NoFaces:
     model_sha256 = {}
 
-    def detect(self, rgb, window_sizes, memory=None):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
         return []
 
 

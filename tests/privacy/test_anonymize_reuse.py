@@ -8,6 +8,7 @@ import dataclasses
 
 import cv2
 import numpy as np
+import pytest
 from skimage import data
 
 from privacy.anonymize import Box, FaceAnonymizer, PassMemory
@@ -33,9 +34,9 @@ def counting(anonymizer: FaceAnonymizer) -> list[int]:
         rows[-1] += bottom - top
         return real_scan(rgb, size, top, bottom)
 
-    def detect(rgb, window_sizes, memory=None):
+    def detect(rgb, window_sizes, memory=None, full_range=True):
         rows.append(0)
-        return real_detect(rgb, window_sizes, memory=memory)
+        return real_detect(rgb, window_sizes, memory=memory, full_range=full_range)
 
     detector._scan, detector.detect = scan, detect
     return rows
@@ -135,3 +136,21 @@ def test_threads_change_speed_not_output(anon_settings, real_faces):
             found[threads] = anonymizer.detect(frame)
     assert found[1] == found[2]
     assert all(any(b.x <= f[0] + f[2] / 2 <= b.x + b.w for b in found[2]) for f in faces)
+
+
+@pytest.mark.parametrize("size,most", [((1280, 720), 4), ((64, 64), None)])
+def test_the_full_range_pass_runs_every_other_frame_where_the_pyramid_runs(
+        anon_settings, monkeypatch, size, most):
+    import privacy.anonymize as anonymize
+
+    calls = []
+    real = anonymize._mediapipe_boxes
+    monkeypatch.setattr(anonymize, "_mediapipe_boxes", lambda *a: calls.append(1) or real(*a))
+    frames = [np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), np.uint8)
+              for i in range(6)]
+    with FaceAnonymizer(anon_settings) as anonymizer:
+        anonymizer.anonymize_frames(frames)
+    if most:  # frames 1, 3, 5, and the last frame again with every pass
+        assert len(calls) == most
+    else:  # no level runs on 64 px frames: the whole-frame passes run on every one
+        assert len(calls) >= len(frames)

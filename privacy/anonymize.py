@@ -16,11 +16,10 @@ faces are either small (and then often scored 0.3-0.5) or large and scored above
 covering less than `small_face_area` of the frame is kept from `small_face_confidence`, a
 larger one from `min_confidence`: small false positives cost little area, large ones much.
 
-A face is hidden by a tight rectangle, in gray: the face's box scaled by `box_scale`, blurred,
-stripped of colour and overlaid with a fixed grain. Against an ellipse with a margin it
-covers the corners of the face (brows, jaw) with less margin, and a grained gray rectangle
-does not keep the skin-coloured, smooth, head-shaped blob that face detectors still find
-after blurring; skin tone goes with it.
+A face is hidden by a tight rectangle, in gray: the face's box scaled by `box_scale`, blurred
+and stripped of colour. Against an ellipse with a margin it covers the corners of the face
+(brows, jaw) with less margin, and a gray rectangle does not keep the skin-coloured, head-
+shaped blob that face detectors still find after blurring; skin tone goes with it.
 
 Video is processed as a stream. The fine levels run only every few frames (keyframes) and
 the stream looks ahead `hold_frames` frames. A detection is tracked to the nearest matching
@@ -97,19 +96,19 @@ class AnonymizerSettings:
         and moved up by box_shift_up of its height. BlazeFace's box is 0.97x a hand-drawn
         face box on average but varies (0.75-1.6x, centre +-5%): on the benchmark's 540
         faces 1.3 is the smallest scale that covers all of them (1.25 and 1.2: 99.4%), but
-        at 1.3 and 1.35 CenterFace still scores the hidden camera man (a profile: ear,
-        nose and jaw outside the box) at 0.33-0.34; at 1.4, 0.23.
+        more of the head's outline is left for BlazeFace full-range to find (3.5% of the
+        hidden faces at score 0.3, against 2.4% at 1.4).
         ellipse=True hides the ellipse inscribed in the scaled box instead.
     blur: "gaussian" (sigma = region width / 3), "pixelate" (pixel_blocks across) or "fill"
         (the region's mean); keep_colour=False turns the hidden region gray, which took
         BlazeFace full-range's re-detection of blurred faces from 7% to 2.6% at score 0.3.
     grain: the standard deviation, in grey levels, of a fixed pattern of blocks (32 across
-        the region) added over it after blurring (0: none). What face detectors still find
-        after blurring is a smooth blob inside a head's outline; the grain breaks it up
-        (BlazeFace full-range's re-detection at 0.3 on the benchmark's stills: 2.4% -> 0.0%;
-        0.0-0.6% for the patterns of four seeds). Coarser or stronger grain reads as a
-        mosaic, on which CenterFace fires. The pattern is the same for every region: it
-        carries nothing of the face, and moves with it.
+        the region) added over it after blurring (0: none, the default). What BlazeFace
+        full-range still finds after blurring is a smooth gray blob inside a head's outline;
+        a grain of 25 breaks it up (its re-detection at 0.3 on the benchmark's stills: 2.4%
+        -> 0.0%) but is texture that OpenCV's Haar cascade fires on (0.7% -> 16.3% of the
+        hidden faces; no texture tried kept both under 1%). Neither leaves anything of the
+        face: the pattern is the same for every region, and moves with it.
     hold_frames: a detection also covers this many frames before and after its own.
     window_sizes / window_every: pyramid levels (the window of the frame that the network's
         128 px input sees) and, for each, on every how many frames of a video it runs. The
@@ -151,7 +150,7 @@ class AnonymizerSettings:
     ellipse: bool = False
     blur: str = "gaussian"
     keep_colour: bool = False
-    grain: float = 25.0
+    grain: float = 0.0
     pixel_blocks: int = 4
     hold_frames: int = 4
     window_sizes: tuple[int, ...] = (512, 256, 96)

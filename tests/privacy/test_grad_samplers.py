@@ -8,12 +8,14 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.dp_training import check_per_sample_clipping, make_private
-from privacy.grad_samplers import conv_grad_sample
+from privacy import grad_samplers
+from privacy.grad_samplers import conv_grad_sample, group_norm_grad_sample
 
 LAYERS = [
     lambda: nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1),
@@ -47,6 +49,43 @@ def test_matches_opacus_unfold_einsum(make_layer, n):
         torch.testing.assert_close(g, expected[p], rtol=1e-4, atol=1e-5)
 
 
+CLIP_LAYERS = [  # on a clip's colour channels: the copied-out patches' way
+    lambda: nn.Conv3d(3, 16, 3, stride=(1, 2, 2), padding=1),  # cnn3d's first layer
+    lambda: nn.Conv3d(3, 8, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),  # R3D's stem
+    lambda: nn.Conv3d(3, 4, (3, 5, 5), stride=(2, 1, 2), padding=(1, 2, 0)),
+    lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+    lambda: nn.Conv2d(2, 4, 2, stride=3, padding=2),  # stride over the kernel, padding over it
+]
+
+
+@pytest.mark.parametrize("make_layer", CLIP_LAYERS)
+def test_a_layer_on_few_channels_gets_its_gradients_from_copied_out_patches(make_layer, monkeypatch):
+    """Several blocks of examples, the last one short, against Opacus's unfold-and-einsum."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    x, backprops = per_sample_inputs(layer, 7)
+    per_example = x.element_size() * layer.weight[0].numel() * backprops[0, 0].numel()
+    monkeypatch.setattr(grad_samplers, "UNFOLD_CHUNK_BYTES", 3 * per_example)  # blocks of 3, 3, 1
+    taken = []
+    unfolded = grad_samplers._unfolded_weight_grads
+    monkeypatch.setattr(grad_samplers, "_unfolded_weight_grads",
+                        lambda *args: taken.append(1) or unfolded(*args))
+    got = conv_grad_sample(layer, [x], backprops)
+    assert taken
+    expected = compute_conv_grad_sample(layer, [x], backprops)
+    for p, g in got.items():
+        torch.testing.assert_close(g, expected[p], rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_on_many_channels_stays_grouped(monkeypatch):
+    monkeypatch.setattr(grad_samplers, "_unfolded_weight_grads", lambda *args: pytest.fail("unfolded"))
+    layer = nn.Conv3d(16, 8, 3, stride=2, padding=1)
+    x, backprops = per_sample_inputs(layer, 2)
+    torch.testing.assert_close(conv_grad_sample(layer, [x], backprops)[layer.weight],
+                               compute_conv_grad_sample(layer, [x], backprops)[layer.weight],
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_a_frozen_weight_gets_no_per_sample_gradient():
     layer = nn.Conv3d(3, 4, 3, padding=1)
     layer.weight.requires_grad_(False)
@@ -59,6 +98,26 @@ def test_a_frozen_weight_gets_no_per_sample_gradient():
 def test_hooks_mode_uses_it():
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv3d] is conv_grad_sample
     assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is conv_grad_sample
+    assert GradSampleModule.GRAD_SAMPLERS[nn.GroupNorm] is group_norm_grad_sample
+
+
+@pytest.mark.parametrize("shape, groups", [((5, 16, 3, 6, 6), 2), ((4, 6, 7, 7), 3), ((3, 8, 10), 8)])
+@pytest.mark.parametrize("trained", ["both", "weight", "bias"])
+def test_group_norm_matches_opacus(shape, groups, trained):
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.normal_()
+    layer.weight.requires_grad_(trained != "bias")
+    layer.bias.requires_grad_(trained != "weight")
+    x = torch.randn(*shape) * 3 + 1
+    backprops = torch.randn(*shape)
+    got = group_norm_grad_sample(layer, [x], backprops)
+    expected = compute_group_norm_grad_sample(layer, [x], backprops)
+    assert got.keys() == expected.keys()
+    for p, g in got.items():
+        torch.testing.assert_close(g, expected[p], rtol=1e-5, atol=1e-5)
 
 
 class ConvNet(nn.Module):

@@ -589,12 +589,13 @@ def _with_stripes(hidden: np.ndarray, height: float) -> np.ndarray:
     """`hidden` (uint8, gray or colour) plus diagonal stripes of +- `height` grey levels,
     STRIPE_PERIODS of them across its width, at 45 degrees."""
     rows, columns = hidden.shape[:2]
-    ys, xs = np.ogrid[:rows, :columns]
-    periods = (xs + ys) * (np.sqrt(0.5) * STRIPE_PERIODS / columns)
-    pattern = np.where(periods % 1.0 < 0.5, height, -height).astype(np.float32)
+    diagonal = np.arange(rows + columns - 1) * (np.sqrt(0.5) * STRIPE_PERIODS / columns)
+    line = np.where(diagonal % 1.0 < 0.5, height, -height).astype(np.float32)
+    # pattern[y, x] = line[x + y]: a view, nothing copied
+    pattern = np.lib.stride_tricks.as_strided(line, (rows, columns), (line.strides[0],) * 2)
     if hidden.ndim == 3:
-        pattern = np.repeat(pattern[..., None], hidden.shape[2], axis=2)
-        pattern[..., 3:] = 0  # the colour channels, not an alpha channel
+        colour = (np.arange(hidden.shape[2]) < 3).astype(np.float32)  # not an alpha channel
+        pattern = pattern[..., None] * colour
     return np.clip(hidden + pattern, 0, 255).astype(hidden.dtype)
 
 

@@ -104,6 +104,12 @@ def test_the_stripes_move_with_the_face_and_carry_nothing_of_it(anon_settings):
     assert set(values) == {128 - anon_settings.stripes, 128 + anon_settings.stripes}
     plain = hide_faces(frame, [first], dataclasses.replace(anon_settings, stripes=0.0))
     assert np.unique(plain[30:80, 20:70]).tolist() == [128]
+    # In colour, over BGRA: the same stripes on the colour channels, the alpha left alone.
+    bgra = np.full((200, 300, 4), 128, np.uint8)
+    coloured = hide_faces(bgra, [first], dataclasses.replace(anon_settings, keep_colour=True))
+    assert (coloured[..., 3] == 128).all()
+    gray = hide_faces(frame, [first], anon_settings)
+    assert all(np.array_equal(coloured[..., c], gray[..., c]) for c in range(3))
 
 
 def test_detail_left_counts_the_face_s_own_detail_only(real_faces):

@@ -582,7 +582,7 @@ def hide_faces(image: np.ndarray, boxes: Sequence[Box], settings: AnonymizerSett
     return out
 
 
-STRIPE_PERIODS = 3.5  # across the region: 3 and 3.5 gave the Haar cascade the fewest hits
+STRIPE_PERIODS = 3.5  # across the region: the fewest Haar cascade hits over phases (0.6-1.1%)
 
 
 def _with_stripes(hidden: np.ndarray, height: float) -> np.ndarray:

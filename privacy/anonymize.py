@@ -95,9 +95,9 @@ class AnonymizerSettings:
     box_scale / box_shift_up: the hidden rectangle is the detected box scaled by box_scale
         and moved up by box_shift_up of its height. BlazeFace's box is 0.97x a hand-drawn
         face box on average but varies (0.75-1.6x, centre +-5%): on the benchmark's 540
-        faces 1.3 is the smallest scale that covers all of them (1.25 and 1.2: 99.4%), but
-        more of the head's outline is left for BlazeFace full-range to find (3.5% of the
-        hidden faces at score 0.3, against 2.4% at 1.4).
+        faces 1.3 is the smallest scale that covers all of them (1.25 and 1.2: 99.4%); with
+        the stripes the networks find none of them at either scale, but at 1.3 the Haar
+        cascade finds 1.2% of the second set's (`bench_anonymize.check_stills`), 0.2% at 1.4.
         ellipse=True hides the ellipse inscribed in the scaled box instead.
     blur: "gaussian" (sigma = region width / 3), "pixelate" (pixel_blocks across) or "fill"
         (the region's mean); keep_colour=False turns the hidden region gray, which took

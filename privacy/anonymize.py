@@ -26,10 +26,12 @@ the stream looks ahead `hold_frames` frames. A detection is tracked to the neare
 detection before and after it (a linear motion model between the two), so a moving face
 found only on keyframes is covered where it is, not by a smear of held boxes; a box with no
 match on one side (a face entering, leaving, or missed) is held still there, and the last
-frame of a video is scanned by every level. A pass looks again only at the bands of rows
-whose pixels changed since it last looked at them (`PassMemory`): on a still camera most of
-the frame is background. Any detector error propagates: no frame is ever returned unblurred
-because detection failed.
+frame of a video is scanned by every level, and so is the last frame of a shot (where the
+picture changes at once, or where faces found on one keyframe are found nowhere near on the
+next): a face that came into view just before a cut has no detection after it to be tracked
+to. A pass looks again only at the bands of rows whose pixels changed since it last looked
+at them (`PassMemory`): on a still camera most of the frame is background. Any detector
+error propagates: no frame is ever returned unblurred because detection failed.
 """
 
 from __future__ import annotations
@@ -55,11 +57,20 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 6
+ALGORITHM_VERSION = 7
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
 FAST_FACE_PX = 32
+# A cut: over CUT_SHARE of the 16 px blocks of a frame differ from the frame before by more
+# than CUT_LEVELS grey levels (mean absolute difference). Cuts between real videos change
+# 71-93% of the blocks; a camera panning 4 px a frame over a photo 8%, Debian's tree.avi at
+# most 32%.
+CUT_LEVELS, CUT_SHARE = 20.0, 0.5
+# A face found at this score on two keyframes in a row and on none near the next, away from
+# the frame's edges, also marks the end of a shot (one cut to the same background). Small
+# faces at the detector's threshold (0.3-0.5) come and go between keyframes by themselves.
+LOST_FACE_SCORE = 0.5
 # What a site can choose to hide (node-config key `anonymize-mode`): "faces" hides every face
 # found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
 # for footage whose faces are too small for a face detector.
@@ -450,12 +461,12 @@ class PassMemory:
     def next_frame(self, rgb: np.ndarray) -> None:
         """Start a new frame (RGB uint8)."""
         self._index += 1
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        self._scale = 4 if min(gray.shape) >= 256 else 1
-        if self._scale > 1:
-            gray = cv2.resize(gray, (gray.shape[1] // 4, gray.shape[0] // 4),
-                              interpolation=cv2.INTER_AREA)
-        self._gray = gray
+        self._scale = 4 if min(rgb.shape[:2]) >= 256 else 1
+        self._gray = small_gray(rgb)
+
+    def gray_of(self, index: int) -> np.ndarray | None:
+        """`small_gray` of frame `index` of the video if it is the current frame, else None."""
+        return self._gray if self._index == index else None
 
     def has(self, key) -> bool:
         """Whether pass `key` has looked at this video before."""
@@ -497,15 +508,28 @@ class PassMemory:
 
     def _stale(self, key) -> np.ndarray:
         """Block mask of what pass `key` must look at again."""
-        rows, cols = self._grid()
         seen = self._seen.get(key)
         if seen is None or seen[0].shape != self._gray.shape:
-            return np.ones((rows, cols), bool)
-        diff = cv2.absdiff(self._gray, seen[0])
-        padded = np.zeros((rows * 4, cols * 4), np.float32)
-        padded[:diff.shape[0], :diff.shape[1]] = diff
-        blocks = padded.reshape(rows, 4, cols, 4).mean(axis=(1, 3))
-        return (blocks > self.threshold) | (self._index - seen[1] > self.max_frames)
+            return np.ones(self._grid(), bool)
+        return ((block_differences(self._gray, seen[0]) > self.threshold)
+                | (self._index - seen[1] > self.max_frames))
+
+
+def small_gray(rgb: np.ndarray) -> np.ndarray:
+    """An RGB uint8 frame in gray, at a quarter of its size (frames under 256 px: full size)."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    if min(gray.shape) < 256:
+        return gray
+    return cv2.resize(gray, (gray.shape[1] // 4, gray.shape[0] // 4), interpolation=cv2.INTER_AREA)
+
+
+def block_differences(gray: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Mean absolute difference of two `small_gray` frames in blocks of 4x4 (16 px blocks of
+    a large frame; blocks at the edges padded with no difference)."""
+    rows, cols = -(-gray.shape[0] // 4), -(-gray.shape[1] // 4)
+    padded = np.zeros((rows * 4, cols * 4), np.float32)
+    padded[:gray.shape[0], :gray.shape[1]] = cv2.absdiff(gray, other)
+    return padded.reshape(rows, 4, cols, 4).mean(axis=(1, 3))
 
 
 
@@ -699,6 +723,9 @@ class _Pending:
     frame: np.ndarray
     boxes: list[Box]
     heads: np.ndarray | None = None  # mask of head pixels to hide
+    levels: frozenset[int] = frozenset()  # the pyramid levels that ran on it
+    full_range: bool = True  # whether the full-range pass ran on it
+    change: float = 0.0  # share of its blocks that differ from the frame before (CUT_LEVELS)
 
 
 @dataclass
@@ -714,6 +741,8 @@ class VideoStream:
     _recent: deque = field(default_factory=deque)  # (index, boxes, their velocities) of emitted frames
     _count: int = 0
     _memory: PassMemory | None = None
+    _gray: np.ndarray | None = None  # the last frame pushed, as small_gray gives it
+    _keyframes: list = field(default_factory=list)  # (index, boxes) of the last two keyframes
 
     def __post_init__(self) -> None:
         settings = self.anonymizer.settings
@@ -724,11 +753,15 @@ class VideoStream:
         """Detect faces in the next frame; return the frames that are now final."""
         index = self._count
         self._count += 1
+        rgb = _to_rgb(frame)
         sizes, full_range = self.anonymizer._passes_for(index, frame.shape)
-        boxes = self.anonymizer.detector.detect(_to_rgb(frame), sizes, memory=self._memory,
+        boxes = self.anonymizer.detector.detect(rgb, sizes, memory=self._memory,
                                                 full_range=full_range)
         heads = self.heads.head_mask(frame) if self.heads is not None else None
-        self._pending.append(_Pending(index, frame, boxes, heads))
+        entry = _Pending(index, frame, boxes, heads, frozenset(sizes), full_range,
+                         self._change(rgb, index))
+        self._pending.append(entry)
+        self._scan_end_of_shot(entry)
         hold = self.anonymizer.settings.hold_frames
         ready = []
         while self._pending and self._pending[0].index <= index - hold:
@@ -740,12 +773,75 @@ class VideoStream:
         frame is scanned by every pass first, so that a face found only on keyframes is
         tracked to the end of the video rather than held where it was last seen."""
         if self._pending:
-            last = self._pending[-1]
-            sizes = self.anonymizer.settings.window_sizes
-            if self.anonymizer._passes_for(last.index, last.frame.shape) != (list(sizes), True):
-                found = self.anonymizer.detector.detect(_to_rgb(last.frame), sizes)
-                last.boxes = merge_boxes(last.boxes + found, self.anonymizer.settings.nms_iou)
+            self._scan_every_level(self._pending[-1])
         return [self._emit() for _ in range(len(self._pending))]
+
+    def _change(self, rgb: np.ndarray, index: int) -> float:
+        """The share of frame `index`'s blocks that differ from the frame before by more
+        than CUT_LEVELS (0 for the first frame)."""
+        gray = self._memory.gray_of(index) if self._memory is not None else None
+        gray = small_gray(rgb) if gray is None else gray
+        before, self._gray = self._gray, gray
+        if before is None or before.shape != gray.shape:
+            return 0.0
+        return float((block_differences(gray, before) > CUT_LEVELS).mean())
+
+    def _scan_end_of_shot(self, entry: _Pending) -> None:
+        """If a shot ended just before `entry`, scan its last frame by every level (and, at a
+        cut, the next shot's first): a face that came into view there has no detection
+        after it to be tracked to."""
+        if entry.change > CUT_SHARE:
+            self._scan_every_level(entry)
+            self._scan_every_level(self._before(entry))
+        elif self._every_level(entry) and self._faces_lost(entry):
+            # The shot ended where the picture changed most since the last keyframe.
+            first_of_next = max(self._since_keyframe(entry), key=lambda p: p.change)
+            self._scan_every_level(self._before(first_of_next))
+        if self._every_level(entry):
+            self._keyframes = (self._keyframes + [(entry.index, entry.boxes)])[-2:]
+
+    def _every_level(self, entry: _Pending) -> bool:
+        return entry.levels >= set(self.anonymizer.settings.window_sizes)
+
+    def _scan_every_level(self, entry: _Pending | None) -> None:
+        """Run on a pending frame the passes that did not run on it."""
+        settings = self.anonymizer.settings
+        if entry is None or (entry.full_range and self._every_level(entry)):
+            return
+        sizes = [size for size in settings.window_sizes if size not in entry.levels]
+        found = self.anonymizer.detector.detect(_to_rgb(entry.frame), sizes,
+                                                full_range=not entry.full_range)
+        entry.boxes = merge_boxes(entry.boxes + found, settings.nms_iou)
+        entry.levels, entry.full_range = frozenset(settings.window_sizes), True
+
+    def _before(self, entry: _Pending) -> _Pending | None:
+        """The pending frame just before `entry`, if it is still pending."""
+        return next((p for p in self._pending if p.index == entry.index - 1), None)
+
+    def _since_keyframe(self, entry: _Pending) -> list[_Pending]:
+        """The pending frames after the last keyframe (one every level ran on) before
+        `entry`, up to `entry`."""
+        frames = [entry]
+        for p in reversed([p for p in self._pending if p.index < entry.index]):
+            if self._every_level(p):
+                break
+            frames.append(p)
+        return frames
+
+    def _faces_lost(self, entry: _Pending) -> bool:
+        """Whether a face tracked over the last two keyframes (found on both) is found
+        nowhere near on `entry`, away from the frame's edges (where it may have left): the
+        shot may have ended in between. A box found once (a small face at the detector's
+        threshold, or a false positive) does not count."""
+        if len(self._keyframes) < 2:
+            return False
+        (first, first_boxes), (last, last_boxes) = self._keyframes
+        frames, shape = entry.index - last, entry.frame.shape
+        tracked = [a for a in last_boxes if a.score >= LOST_FACE_SCORE
+                   and any(_same_face(b, a, last - first) for b in first_boxes
+                           if b.score >= LOST_FACE_SCORE)]
+        return any(not _near_edge(a, frames, shape)
+                   and not any(_same_face(a, b, frames) for b in entry.boxes) for a in tracked)
 
     def _emit(self) -> "AnonymizedFrame":
         settings = self.anonymizer.settings
@@ -828,14 +924,12 @@ def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> Box:
     if it is near enough to have come in from there within the hold, by as far as a face
     moves in that time: `_same_face`'s one width a frame, at most FAST_FACE_PX (a large box
     near the middle of a small frame is not stretched over all of it)."""
-    height, width = shape[:2]
-    step = min(max(box.w, box.h), FAST_FACE_PX)
-    reach, stretch = (2 + hold) * step, (2 + frames) * step
-    gaps = {"left": box.x, "top": box.y, "right": width - box.x - box.w,
-            "bottom": height - box.y - box.h}
-    edge = min(gaps, key=gaps.get)
-    if gaps[edge] >= reach:
+    if not _near_edge(box, hold, shape):
         return box
+    height, width = shape[:2]
+    stretch = (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
+    gaps = _edge_gaps(box, shape)
+    edge = min(gaps, key=gaps.get)
     x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
     if edge == "left":
         x0 = max(x0 - stretch, 0)
@@ -846,6 +940,18 @@ def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> Box:
     else:
         y1 = min(y1 + stretch, height)
     return dataclasses.replace(box, x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+
+
+def _edge_gaps(box: Box, shape: tuple[int, ...]) -> dict[str, int]:
+    height, width = shape[:2]
+    return {"left": box.x, "top": box.y, "right": width - box.x - box.w,
+            "bottom": height - box.y - box.h}
+
+
+def _near_edge(box: Box, frames: int, shape: tuple[int, ...]) -> bool:
+    """Whether a face at `box` can reach a frame edge within `frames` frames (one width a
+    frame, at most FAST_FACE_PX, as `_same_face` allows, plus two widths)."""
+    return min(_edge_gaps(box, shape).values()) < (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
 
 
 def _velocities(index: int, boxes: list[Box],

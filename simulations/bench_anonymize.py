@@ -21,7 +21,8 @@ into frames, their boxes known), never on what a detector finds:
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried, with a still and a panning
-  camera, and with faces crossing the frame at 8 and 16 px a frame.
+  camera, and with faces crossing the frame at 8 and 16 px a frame up to a cut (to the same
+  background, or to another scene).
 deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
 cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
 onnxruntime`.
@@ -146,20 +147,28 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
 
 
 def crossing_video(path: Path, width: int, height: int, faces: list[tuple[int, int]],
-                   frames: int, speed: int) -> list[list[tuple[int, int, int, int]]]:
+                   frames: int, speed: int,
+                   scene_after_cut: str | None = None) -> list[list[tuple[int, int, int, int]]]:
     """Write an mp4 of real faces crossing the frame left to right at `speed` px per frame,
     each in its own lane and entering again at the left, then, halfway, a cut to the same
-    faces standing elsewhere; return the boxes of the faces wholly in view in each frame."""
+    faces standing elsewhere, over the same background or over scikit-image's picture
+    `scene_after_cut`; return the boxes of the faces wholly in view in each frame."""
     sources = face_sources()
     rng = np.random.default_rng(5)
     lanes = np.array([2.2 * size for size, _ in faces])  # a face's pasted surround: no overlap
     rows = np.cumsum(lanes) - lanes / 2 + (height - lanes.sum()) / 2
     starts, after_cut = rng.uniform(0, width, len(faces)), rng.uniform(100, width - 100, len(faces))
     base = background(width, height)
+    other = base
+    if scene_after_cut:
+        from skimage import data
+
+        other = cv2.resize(cv2.cvtColor(getattr(data, scene_after_cut)(), cv2.COLOR_RGB2BGR),
+                           (width, height), interpolation=cv2.INTER_AREA)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (width, height))
     truth = []
     for t in range(frames):
-        canvas, boxes = base.copy(), []
+        canvas, boxes = (base if t < frames // 2 else other).copy(), []
         for (size, source), x0, y, x_cut in zip(faces, starts, rows, after_cut):
             x = (x0 + speed * t) % (width + 2 * size) - size if t < frames // 2 else x_cut
             box = paste_face(canvas, sources[source % len(sources)], size, 0, (x, y))
@@ -556,11 +565,12 @@ def bench_curve(settings, work, frames: int) -> None:
         src = work / f"curve-1280x720-pan{pan}.mp4"
         _curve(settings, read_frames_after(src, synthetic_video(src, 1280, 720, CURVE_FACES,
                                                                  frames, pan=pan)))
-    for speed in (8, 16):
+    for speed, scene in ((8, None), (16, None), (8, "rocket"), (16, "rocket")):
+        cut = "a cut to another scene" if scene else "a cut (same background)"
         print(f"\nRecall against frames/s, 1280x720 faces (14-96 px) crossing at {speed} px/frame, "
-              "then a cut, per pyramid schedule")
-        src = work / f"curve-1280x720-crossing{speed}.mp4"
-        truth = crossing_video(src, 1280, 720, CURVE_FACES[:-1], frames, speed)
+              f"then {cut}, per pyramid schedule")
+        src = work / f"curve-1280x720-crossing{speed}-{scene}.mp4"
+        truth = crossing_video(src, 1280, 720, CURVE_FACES[:-1], frames, speed, scene)
         _curve(settings, read_frames_after(src, truth), CROSSING_SCHEDULES)
 
 

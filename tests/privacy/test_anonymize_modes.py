@@ -77,6 +77,12 @@ def test_an_ellipse_leaves_the_corners_of_its_box(anon_settings, real_faces):
     assert not np.array_equal(out[..., 0], out[..., 2])  # keep_colour: not turned gray
 
 
+def still_video(frames: int, shape=(240, 320)) -> list[np.ndarray]:
+    """Frames of a still camera over a noise picture (every change shows), no cut."""
+    picture = np.random.default_rng(0).integers(0, 255, (*shape, 3), np.uint8)
+    return [picture.copy() for _ in range(frames)]
+
+
 class KeyframesOnly:
     """A detector that finds one face moving right, but only on frames 0 and 8."""
 
@@ -91,8 +97,7 @@ class KeyframesOnly:
 
 
 def test_a_face_found_on_keyframes_is_tracked_not_smeared(anon_settings):
-    frames = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
-              for i in range(9)]
+    frames = still_video(9)
     # Keyframes 8 apart: a hold of 4 reaches both from frame 4.
     anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
                                 detector=KeyframesOnly())
@@ -128,8 +133,7 @@ class FastSmallFace:
 def assert_fast_face_hidden(anon_settings, detector: FastSmallFace, frames: int, checked) -> None:
     """Anonymize `frames` noise frames with `detector` (hold 4); on each `checked` frame at
     least 90% of the face where `detector.box` says it is must be changed."""
-    video = [np.random.default_rng(i).integers(0, 255, (240, 320, 3), np.uint8)
-             for i in range(frames)]
+    video = still_video(frames)
     anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4), detector=detector)
     out, _ = anonymizer.anonymize_frames(video)
     for index in checked:
@@ -174,6 +178,72 @@ def test_a_fast_face_coming_in_from_the_edge_is_covered_before_it_is_found(anon_
     assert_fast_face_hidden(anon_settings, EntersFromTheLeft(), 9, (1, 2, 3))
 
 
+class FineLevelOnly:
+    """A detector that sees a face only where the finest pyramid level (96 px windows) runs,
+    as with faces of 14-24 px in 720p frames; each frame's index is in its first pixel, and
+    `faces` gives the face boxes by frame index."""
+
+    model_sha256 = {}
+
+    def __init__(self, faces: dict[int, Box]):
+        self.faces, self.calls = faces, []
+
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+        index = int(rgb[0, 0, 0])
+        self.calls.append(index)
+        face = self.faces.get(index)
+        return [face] if face is not None and 96 in window_sizes else []
+
+
+def shot(seed: int, frames: range) -> list[np.ndarray]:
+    """Frames of one still shot (a noise picture), each with its index in its first pixel."""
+    picture = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), np.uint8)
+    video = [picture.copy() for _ in frames]
+    for index, frame in zip(frames, video):
+        frame[0, 0] = index
+    return video
+
+
+def face_hidden(original: np.ndarray, output: np.ndarray, face: Box) -> float:
+    return np.any(output != original, axis=2)[face.y:face.y + face.h, face.x:face.x + face.w].mean()
+
+
+def test_the_last_frame_before_a_cut_is_scanned_by_every_level(anon_settings):
+    # A face comes into view on frame 9, and the picture changes at once on frame 10. Frame 9
+    # is no keyframe of the 96 px level (every 4th frame): only a scan at the cut finds it.
+    video = shot(0, range(10)) + shot(1, range(10, 16))
+    detector = FineLevelOnly({9: Box(150, 100, 16, 16)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    assert face_hidden(video[9], out[9], Box(150, 100, 16, 16)) == 1.0
+    assert detector.calls.count(9) == 2 and detector.calls.count(10) == 2  # both sides of the cut
+    # Without a cut, every frame is scanned once (the last one twice, by the levels it missed).
+    detector = FineLevelOnly({9: Box(150, 100, 16, 16)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(shot(0, range(16)))
+    assert detector.calls == list(range(16)) + [15]
+
+
+def test_faces_that_vanish_between_keyframes_mark_a_cut_that_keeps_the_background(anon_settings):
+    # The same background before and after (two cameras on one scene): a face tracked on
+    # keyframes 0, 4 and 8 is gone on 12, where the other face stands elsewhere; that one came
+    # in on frame 11, the last frame before the cut, and is seen there only.
+    video = shot(0, range(16))
+    tracked = {index: Box(130 + 2 * index, 110, 16, 16) for index in (0, 4, 8)}  # mid-frame
+    newcomer = Box(20, 30, 16, 16)
+    for index in range(9, 12):  # the tracked face moving on
+        video[index][110:126, 130 + 2 * index:146 + 2 * index] = 255
+    video[12][150:166, 250:266] = 255  # the cut: both faces elsewhere
+    faces = {**tracked, 11: newcomer, 12: Box(250, 150, 16, 16)}
+    detector = FineLevelOnly(faces)
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    assert face_hidden(video[11], out[11], newcomer) == 1.0
+    assert detector.calls.count(11) == 2
+    # A face found at the detector's threshold comes and goes by itself: no scan for it.
+    faint = {index: dataclasses.replace(box, score=0.4) for index, box in tracked.items()}
+    detector = FineLevelOnly({**faint, 11: newcomer, 12: Box(250, 150, 16, 16)})
+    FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    assert detector.calls == list(range(16)) + [15]
+
+
 class LargeBoxFromFrame6:
     """A 180 px box near the middle of a 768x576 frame, found from frame 6 on (a face
     stepping close to the camera, or a false positive)."""
@@ -189,7 +259,7 @@ class LargeBoxFromFrame6:
 
 
 def test_a_large_new_box_is_not_stretched_over_the_frame(anon_settings):
-    video = [np.random.default_rng(i).integers(0, 255, (576, 768, 3), np.uint8) for i in range(10)]
+    video = still_video(10, (576, 768))
     anonymizer = FaceAnonymizer(dataclasses.replace(anon_settings, hold_frames=4),
                                 detector=LargeBoxFromFrame6())
     out, _ = anonymizer.anonymize_frames(video)

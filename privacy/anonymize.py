@@ -829,10 +829,9 @@ class VideoStream:
         return frames
 
     def _faces_lost(self, entry: _Pending) -> bool:
-        """Whether a face tracked over the last two keyframes (found on both) is found
-        nowhere near on `entry`, away from the frame's edges (where it may have left): the
-        shot may have ended in between. A box found once (a small face at the detector's
-        threshold, or a false positive) does not count."""
+        """Whether a face tracked over the last two keyframes (found on both at a score of
+        LOST_FACE_SCORE or more) is found nowhere near on `entry`, away from the frame's
+        edges (where it may have left): the shot may have ended in between."""
         if len(self._keyframes) < 2:
             return False
         (first, first_boxes), (last, last_boxes) = self._keyframes

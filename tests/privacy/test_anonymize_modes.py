@@ -77,9 +77,9 @@ def test_an_ellipse_leaves_the_corners_of_its_box(anon_settings, real_faces):
     assert not np.array_equal(out[..., 0], out[..., 2])  # keep_colour: not turned gray
 
 
-def still_video(frames: int, shape=(240, 320)) -> list[np.ndarray]:
+def still_video(frames: int, shape=(240, 320), seed: int = 0) -> list[np.ndarray]:
     """Frames of a still camera over a noise picture (every change shows), no cut."""
-    picture = np.random.default_rng(0).integers(0, 255, (*shape, 3), np.uint8)
+    picture = np.random.default_rng(seed).integers(0, 255, (*shape, 3), np.uint8)
     return [picture.copy() for _ in range(frames)]
 
 
@@ -197,8 +197,7 @@ class FineLevelOnly:
 
 def shot(seed: int, frames: range) -> list[np.ndarray]:
     """Frames of one still shot (a noise picture), each with its index in its first pixel."""
-    picture = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), np.uint8)
-    video = [picture.copy() for _ in frames]
+    video = still_video(len(frames), seed=seed)
     for index, frame in zip(frames, video):
         frame[0, 0] = index
     return video

@@ -461,8 +461,8 @@ class PassMemory:
     def next_frame(self, rgb: np.ndarray) -> None:
         """Start a new frame (RGB uint8)."""
         self._index += 1
-        self._scale = 4 if min(rgb.shape[:2]) >= 256 else 1
         self._gray = small_gray(rgb)
+        self._scale = rgb.shape[0] // self._gray.shape[0]  # frame px per gray px: 4 or 1
 
     def gray_of(self, index: int) -> np.ndarray | None:
         """`small_gray` of frame `index` of the video if it is the current frame, else None."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,11 @@ GRID = 16                 # the coarsest anchor stride: inputs are padded to a m
 NMS_IOU = 0.3             # MediaPipe's min_suppression_threshold for face detection
 _SCORE_CLIP = 100.0       # MediaPipe's score_clipping_thresh
 _STRIDES = ((8, 2), (16, 6))  # (anchor stride, anchors per cell) of the short-range model
-_CACHED_SHAPES = 12       # resizing the input re-plans the network (25-90 ms): keep a few
+# Interpreters are kept per input width (a pyramid level of a video: its bands change only
+# the height), at most _SHAPES_PER_WIDTH input shapes each: a third shape replans the least
+# recently used one (10-100 ms), where an interpreter for every shape took 0.1-1 s to make
+# and ~280 MB each for a 720p frame at the 96 px level.
+_CACHED_WIDTHS, _SHAPES_PER_WIDTH = 6, 2
 _TO_INPUT = np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0  # MediaPipe's [-1, 1]
 
 
@@ -44,7 +49,7 @@ class DenseBlazeFace:
         not BlazeFace short-range. `threads`: LiteRT's threads (0: one per core)."""
         self.path = Path(path)
         self.threads = threads or os.cpu_count() or 1
-        self._interpreters: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._interpreters: OrderedDict[int, list[tuple[object, tuple[int, int]]]] = OrderedDict()
         try:
             probe = self.run(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         except FaceModelError:
@@ -60,70 +65,90 @@ class DenseBlazeFace:
         """Faces in an RGB uint8 image, as the model sees it (scale it first to choose the
         face sizes found: a face is found best at 15-75% of 128 px). Rows of
         (x, y, w, h, score) in the image's pixels, merged as MediaPipe merges them."""
-        height, width = rgb.shape[:2]
-        if height % GRID or width % GRID:
-            rgb = cv2.copyMakeBorder(rgb, 0, -height % GRID, 0, -width % GRID,
-                                     cv2.BORDER_CONSTANT, value=(0, 0, 0))
         scores, boxes = self.run(rgb)
-        found = _decode(scores[:, 0], boxes, rgb.shape[:2], threshold)
+        found = _decode(scores[:, 0], boxes, _padded(rgb.shape[:2]), threshold)
         return weighted_nms(found, NMS_IOU)
 
     def run(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The raw outputs (classificators (A, 1), regressors (A, 16)) for one RGB uint8
-        image whose sides are multiples of 16. They are views of LiteRT's output buffers,
-        valid until the next call (copying them cost more than the decoding)."""
-        interpreter = self._interpreter(rgb.shape[:2])
+        image, padded with black to multiples of 16 px. They are views of LiteRT's output
+        buffers, valid until the next call (copying them cost more than the decoding)."""
+        height, width = rgb.shape[:2]
+        interpreter = self._interpreter(_padded((height, width)))
         index = interpreter.get_input_details()[0]["index"]
         buffer = interpreter.tensor(index)()[0]
-        written = cv2.LUT(rgb, _TO_INPUT, dst=buffer)  # uint8 -> [-1, 1] in place, one pass
-        if written is not buffer:  # OpenCV allocated instead of writing into the buffer
-            buffer[...] = written
-        del buffer, written  # LiteRT refuses to run while its buffers are referenced
+        view = buffer[:height, :width]
+        written = cv2.LUT(rgb, _TO_INPUT, dst=view)  # uint8 -> [-1, 1] in place, one pass
+        if written is not view:  # OpenCV allocated instead of writing into the buffer
+            view[...] = written
+        buffer[height:], buffer[:height, width:] = _TO_INPUT[0], _TO_INPUT[0]  # black
+        del buffer, view, written  # LiteRT refuses to run while its buffers are referenced
         interpreter.invoke()
         outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
         return interpreter.tensor(outputs["classificators"])()[0], interpreter.tensor(outputs["regressors"])()[0]
 
     def _interpreter(self, shape: tuple[int, int]):
-        interpreter = self._interpreters.get(shape)
-        if interpreter is not None:
-            self._interpreters.move_to_end(shape)
-            return interpreter
-        from ai_edge_litert.interpreter import Interpreter
+        """An interpreter planned for `shape`: one kept for it, or a new one while the
+        width has fewer than _SHAPES_PER_WIDTH, else its width's least recently used, replanned."""
+        height, width = shape
+        kept = self._interpreters.pop(width, [])  # most recently used first
+        planned = [entry[1] for entry in kept]
+        if shape in planned:
+            interpreter, _ = kept.pop(planned.index(shape))
+        elif len(kept) < _SHAPES_PER_WIDTH:
+            from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
-        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"],
-                                        [1, shape[0], shape[1], 3])
-        interpreter.allocate_tensors()
-        self._interpreters[shape] = interpreter
-        while len(self._interpreters) > _CACHED_SHAPES:
+            interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
+        else:
+            interpreter, _ = kept.pop()
+        if shape not in planned:
+            interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"],
+                                            [1, height, width, 3])
+            interpreter.allocate_tensors()
+        self._interpreters[width] = [(interpreter, shape)] + kept
+        while len(self._interpreters) > _CACHED_WIDTHS:
             self._interpreters.popitem(last=False)
         return interpreter
 
 
+def _padded(shape: tuple[int, int]) -> tuple[int, int]:
+    """An image shape rounded up to multiples of GRID."""
+    return tuple(-(-side // GRID) * GRID for side in shape)
+
+
 def _decode(scores: np.ndarray, boxes: np.ndarray, shape: tuple[int, int],
             threshold: float) -> np.ndarray:
-    """Rows of (x, y, w, h, score) in input pixels from the flat anchor outputs: the anchors
-    of the 8 px grid (row-major, 2 per cell), then those of the 16 px grid (6 per cell)."""
+    """Rows of (x, y, w, h, score) in input pixels from the flat anchor outputs (in the
+    order of `_anchor_centres`)."""
     # score = sigmoid(logit) >= threshold, compared in logit space: only the few anchors
     # above it are decoded.
     picked = np.nonzero(scores >= np.log(threshold / (1.0 - threshold)))[0]
     if picked.size == 0:
         return np.zeros((0, 5), np.float32)
-    centres, start = [], 0
-    for stride, per_cell in _STRIDES:
-        rows, cols = shape[0] // stride, shape[1] // stride
-        index = np.arange(rows * cols * per_cell) // per_cell
-        centres.append(np.stack([(index % cols + 0.5) * stride, (index // cols + 0.5) * stride], 1))
-        start += rows * cols * per_cell
-    if start != len(scores):
+    centres = _anchor_centres(*shape)
+    if len(centres) != len(scores):
         raise FaceModelError(f"unexpected BlazeFace output: {len(scores)} anchors for an "
                              f"input of {shape[0]}x{shape[1]}")
-    centre = np.concatenate(centres)[picked]
+    centre = centres[picked]
     coords = boxes[picked, :4]
     logits = np.clip(scores[picked].astype(np.float64), -_SCORE_CLIP, _SCORE_CLIP)
     cx, cy = coords[:, 0] + centre[:, 0], coords[:, 1] + centre[:, 1]
     w, h = coords[:, 2], coords[:, 3]
     return np.stack([cx - w / 2, cy - h / 2, w, h, 1.0 / (1.0 + np.exp(-logits))], 1)
+
+
+@lru_cache(maxsize=16)
+def _anchor_centres(height: int, width: int) -> np.ndarray:
+    """(x, y) of every anchor of an input of height x width: those of the 8 px grid
+    (row-major, 2 per cell), then those of the 16 px grid (6 per cell)."""
+    centres = []
+    for stride, per_cell in _STRIDES:
+        rows, cols = height // stride, width // stride
+        index = np.arange(rows * cols * per_cell) // per_cell
+        centres.append(np.stack([(index % cols + 0.5) * stride, (index // cols + 0.5) * stride], 1))
+    centres = np.concatenate(centres)
+    centres.flags.writeable = False  # shared between calls
+    return centres
 
 
 def weighted_nms(found: np.ndarray, iou_threshold: float) -> np.ndarray:

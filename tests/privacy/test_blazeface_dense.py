@@ -96,3 +96,23 @@ def test_a_file_that_is_not_the_model_is_refused_by_name(tmp_path, face_models):
     # Another network (the full-range model, 192 px, other anchors) is refused too.
     with pytest.raises(FaceModelError, match="face_detection_full_range_sparse.tflite"):
         DenseBlazeFace(face_models["full_range"])
+
+
+def test_interpreters_are_replanned_per_width_and_give_what_a_fresh_one_gives(
+        face_models, real_faces):
+    frame, faces = frame_with_faces(real_faces)
+    # Bands of one frame, as a pyramid level scans them: the same width, other heights,
+    # the sides no multiple of 16 (padded with black inside the network's input).
+    bands = [frame[:500, :760], frame[100:300, :760], frame[:500, :760], frame[200:460, :760],
+             frame[100:300, :760], frame[:, :]]
+    dense = DenseBlazeFace(face_models["short_range"], threads=1)
+    for band in bands:
+        found = dense.detect(band, 0.3)
+        fresh = DenseBlazeFace(face_models["short_range"], threads=1).detect(band, 0.3)
+        padded = cv2.copyMakeBorder(band, 0, -band.shape[0] % 16, 0, -band.shape[1] % 16,
+                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        np.testing.assert_array_equal(found, fresh)
+        np.testing.assert_array_equal(found, dense.detect(padded, 0.3))
+        kept = [shape for entries in dense._interpreters.values() for _, shape in entries]
+        assert len(kept) <= 3 and len({shape for shape in kept if shape[1] == 768}) <= 2, kept
+    assert len(dense.detect(frame, 0.3)) >= len(faces) - 1  # the bands hold faces: not vacuous

@@ -57,7 +57,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 7
+ALGORITHM_VERSION = 8
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -885,13 +885,16 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     match behind is tracked: the box interpolated between the two. A box with no match on the
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
-    ends of a match farther apart than a slow face goes, in case the pairing is wrong. A box
-    ahead that nothing behind can be is also stretched towards the nearest frame edge, as far
-    as a face moves meanwhile (it may have come in from there). Duplicates are dropped: a static
-    face gives the same box each frame."""
+    ends of a match farther apart than a slow face goes, or off the course the face behind was
+    on, in case the pairing is wrong. A box ahead that no box behind is tracked to is also
+    stretched towards the nearest frame edge, as far as a face moves meanwhile (it may have
+    come in from there), even where a box behind could have been it: that one may be another
+    face, tracked to its own. Duplicates are dropped: a static face gives the same box each
+    frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
+    paired: set[Box] = set()  # future boxes some box behind is tracked to, doubt or not
     for i, before, velocities in past:
         for a in before:
             matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
@@ -901,10 +904,12 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                 if a is min((p for k, p in past_boxes if _same_face(p, b, j - k)),
                             key=lambda p: _distance(p, b)):
                     held.add(_interpolate(a, b, (index - i) / (j - i)))
-                    if _same_face(a, b, 0):
+                    paired.add(b)
+                    if _same_face(a, b, 0) and _on_course(a, velocities.get(a), b, j - i):
                         tracked.add(b)
                         continue
-            # No match, or one too far to be sure of: held still, and carried on if it moved.
+            # No match, or one too far or off course to be sure of: held still, and carried
+            # on if it moved.
             for kept in {a, _moved(a, velocities.get(a, (0.0, 0.0)), index - i)}:
                 if not any(_overlaps(kept, c, 0.3) for c in current):
                     held.add(kept)
@@ -913,7 +918,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
-                if not any(_same_face(a, b, j - i) for i, a in past_boxes):
+                if b not in paired:
                     held.add(_from_edge(b, j - index, hold, shape))
     return list(held)
 
@@ -963,6 +968,18 @@ def _velocities(index: int, boxes: list[Box],
             i, p = max(earlier, key=lambda match: (match[0], -_distance(match[1], box)))
             speeds[box] = ((box.x - p.x) / (index - i), (box.y - p.y) / (index - i))
     return speeds
+
+
+def _on_course(a: Box, velocity: tuple[float, float] | None, b: Box, frames: int) -> bool:
+    """Whether `b`, `frames` frames after `a`, lies within a face width of where `a` was
+    heading: a face that seems to stop at once may be another one, standing where the first
+    passed just before a cut. Only faces found at LOST_FACE_SCORE, at a speed a face can
+    have, are checked: boxes at the detector's threshold come and go and jump between
+    neighbours, and so do the speeds taken from them."""
+    if (velocity is None or max(map(abs, velocity)) > FAST_FACE_PX
+            or min(a.score, b.score) < LOST_FACE_SCORE):
+        return True
+    return _distance(_moved(a, velocity, frames), b) <= max(a.w, a.h, b.w, b.h)
 
 
 def _moved(box: Box, velocity: tuple[float, float], frames: int) -> Box:

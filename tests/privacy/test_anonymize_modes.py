@@ -243,6 +243,48 @@ def test_faces_that_vanish_between_keyframes_mark_a_cut_that_keeps_the_backgroun
     assert detector.calls == list(range(16)) + [15]
 
 
+class FineLevelFaces(FineLevelOnly):
+    """FineLevelOnly with any number of faces a frame: `faces` gives a list by frame index."""
+
+    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+        index = int(rgb[0, 0, 0])
+        self.calls.append(index)
+        return list(self.faces.get(index, [])) if 96 in window_sizes else []
+
+
+def test_a_face_coming_in_beside_another_is_covered_before_it_is_found(anon_settings):
+    # A face comes in from the left 8 px a frame, first found on keyframe 4. The face in the
+    # lane below, found half in view on keyframe 0, could have been it, but is tracked to
+    # its own box on keyframe 4: the newcomer is still stretched back to the edge.
+    newcomer = {index: Box(-12 + 8 * index, 100, 14, 14, 0.8) for index in range(5)}
+    below = {0: Box(0, 130, 10, 14, 0.35), 4: Box(26, 130, 14, 14, 0.8)}
+    video = shot(0, range(9))
+    detector = FineLevelFaces({0: [below[0]], 4: [newcomer[4], below[4]]})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (2, 3):  # wholly in view, 16 and 8 px before where it is found
+        assert face_hidden(video[index], out[index], newcomer[index]) == 1.0, index
+
+
+def test_a_face_that_seems_to_stop_at_once_is_also_carried_on(anon_settings):
+    # A face crossing 8 px a frame is found on keyframes 0, 4 and 8; on keyframe 12 a face
+    # stands where it was on frame 8 (another face, after a cut to the same background).
+    # Tracked to that one, it would be held still on frames 9-11, while it moved on.
+    moving = {index: Box(100 + 8 * index, 100, 16, 16, 0.8) for index in range(13)}
+    standing = Box(162, 100, 16, 16, 0.8)
+    video = shot(0, range(13))
+    detector = FineLevelFaces({0: [moving[0]], 4: [moving[4]], 8: [moving[8]], 12: [standing]})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (9, 10, 11):
+        assert face_hidden(video[index], out[index], moving[index]) == 1.0, index
+    # A face that keeps its course (4 px a frame) is tracked alone: on frame 10 only its
+    # interpolated box at x = 140 is hidden, nothing held behind or carried ahead.
+    slow = {index: Box(100 + 4 * index, 100, 16, 16, 0.8) for index in (0, 4, 8, 12)}
+    detector = FineLevelFaces({index: [box] for index, box in slow.items()})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    columns = np.flatnonzero(np.any(out[10] != video[10], axis=2).any(axis=0))
+    assert 130 < columns.min() and columns.max() < 165
+
+
 class LargeBoxFromFrame6:
     """A 180 px box near the middle of a 768x576 frame, found from frame 6 on (a face
     stepping close to the camera, or a false positive)."""

@@ -57,7 +57,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 8
+ALGORITHM_VERSION = 9
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -839,8 +839,11 @@ class VideoStream:
         tracked = [a for a in last_boxes if a.score >= LOST_FACE_SCORE
                    and any(_same_face(b, a, last - first) for b in first_boxes
                            if b.score >= LOST_FACE_SCORE)]
+        # Near: as far as a face goes at one width a frame. A faster one is taken for lost:
+        # a scan too many costs time, a cut missed costs faces.
         return any(not _near_edge(a, frames, shape)
-                   and not any(_same_face(a, b, frames) for b in entry.boxes) for a in tracked)
+                   and not any(_same_face(a, b, frames, fastest=0) for b in entry.boxes)
+                   for a in tracked)
 
     def _emit(self) -> "AnonymizedFrame":
         settings = self.anonymizer.settings
@@ -887,10 +890,10 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
     ends of a match farther apart than a slow face goes, or off the course the face behind was
     on, in case the pairing is wrong. A box ahead that no box behind is tracked to is also
-    stretched towards the nearest frame edge, as far as a face moves meanwhile (it may have
-    come in from there), even where a box behind could have been it: that one may be another
-    face, tracked to its own. Duplicates are dropped: a static face gives the same box each
-    frame."""
+    stretched towards each frame edge near enough, as far as a face moves meanwhile (it may
+    have come in from there), even where a box behind could have been it: that one may be
+    another face, tracked to its own. Duplicates are dropped: a static face gives the same
+    box each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
@@ -919,31 +922,23 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
                 if b not in paired:
-                    held.add(_from_edge(b, j - index, hold, shape))
+                    held.update(_from_edge(b, j - index, hold, shape))
     return list(held)
 
 
-def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> Box:
-    """`box`, found `frames` frames later, stretched towards the frame edge nearest to it,
-    if it is near enough to have come in from there within the hold, by as far as a face
+def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> list[Box]:
+    """`box`, found `frames` frames later, stretched towards each frame edge near enough for
+    it to have come in from there within the hold (one box per edge), by as far as a face
     moves in that time: `_same_face`'s one width a frame, at most FAST_FACE_PX (a large box
     near the middle of a small frame is not stretched over all of it)."""
-    if not _near_edge(box, hold, shape):
-        return box
     height, width = shape[:2]
     stretch = (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
-    gaps = _edge_gaps(box, shape)
-    edge = min(gaps, key=gaps.get)
     x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
-    if edge == "left":
-        x0 = max(x0 - stretch, 0)
-    elif edge == "top":
-        y0 = max(y0 - stretch, 0)
-    elif edge == "right":
-        x1 = min(x1 + stretch, width)
-    else:
-        y1 = min(y1 + stretch, height)
-    return dataclasses.replace(box, x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+    towards = {"left": (max(x0 - stretch, 0), y0, x1, y1), "top": (x0, max(y0 - stretch, 0), x1, y1),
+               "right": (x0, y0, min(x1 + stretch, width), y1),
+               "bottom": (x0, y0, x1, min(y1 + stretch, height))}
+    return [dataclasses.replace(box, x=a, y=b, w=c - a, h=d - b)
+            for edge, (a, b, c, d) in towards.items() if _edge_gaps(box, shape)[edge] < _reach(box, hold)]
 
 
 def _edge_gaps(box: Box, shape: tuple[int, ...]) -> dict[str, int]:
@@ -953,9 +948,14 @@ def _edge_gaps(box: Box, shape: tuple[int, ...]) -> dict[str, int]:
 
 
 def _near_edge(box: Box, frames: int, shape: tuple[int, ...]) -> bool:
-    """Whether a face at `box` can reach a frame edge within `frames` frames (one width a
-    frame, at most FAST_FACE_PX, as `_same_face` allows, plus two widths)."""
-    return min(_edge_gaps(box, shape).values()) < (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
+    """Whether a face at `box` can reach a frame edge within `frames` frames."""
+    return min(_edge_gaps(box, shape).values()) < _reach(box, frames)
+
+
+def _reach(box: Box, frames: int) -> int:
+    """How far a face at `box` can go in `frames` frames (one width a frame, at most
+    FAST_FACE_PX), plus two widths."""
+    return (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
 
 
 def _velocities(index: int, boxes: list[Box],
@@ -1003,12 +1003,13 @@ def _drop_contained(regions: list[tuple[int, int, int, int]]) -> list[tuple[int,
     return kept
 
 
-def _same_face(a: Box, b: Box, frames_apart: int) -> bool:
+def _same_face(a: Box, b: Box, frames_apart: int, fastest: int = FAST_FACE_PX) -> bool:
     """Whether boxes `frames_apart` frames apart can be one face: sizes within 2x, centres
-    within two face widths plus one per frame between them (a face crossing a 1280 px frame
-    in 3 s moves 14 px a frame, the width of the smallest face the pyramid finds)."""
+    within two face widths plus, per frame between them, one width or `fastest` px if more
+    (a small face crossing a 1280 px frame in 1.3 s moves 32 px a frame)."""
     ratio = max(a.w, b.w) / max(1, min(a.w, b.w))
-    return ratio < 2.0 and _distance(a, b) < (2.0 + abs(frames_apart)) * max(a.w, a.h, b.w, b.h)
+    width = max(a.w, a.h, b.w, b.h)
+    return ratio < 2.0 and _distance(a, b) < 2.0 * width + abs(frames_apart) * max(width, fastest)
 
 
 def _interpolate(a: Box, b: Box, t: float) -> Box:

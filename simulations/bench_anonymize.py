@@ -21,7 +21,7 @@ into frames, their boxes known), never on what a detector finds:
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried, with a still and a panning
-  camera, and with faces crossing the frame at 8 and 16 px a frame up to a cut (to the same
+  camera, and with faces crossing the frame at 8 to 32 px a frame up to a cut (to the same
   background, or to another scene).
 deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
 cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
@@ -565,7 +565,8 @@ def bench_curve(settings, work, frames: int) -> None:
         src = work / f"curve-1280x720-pan{pan}.mp4"
         _curve(settings, read_frames_after(src, synthetic_video(src, 1280, 720, CURVE_FACES,
                                                                  frames, pan=pan)))
-    for speed, scene in ((8, None), (16, None), (8, "rocket"), (16, "rocket")):
+    for speed, scene in ((8, None), (16, None), (24, None), (32, None), (8, "rocket"),
+                         (16, "rocket")):
         cut = "a cut to another scene" if scene else "a cut (same background)"
         print(f"\nRecall against frames/s, 1280x720 faces (14-96 px) crossing at {speed} px/frame, "
               f"then {cut}, per pyramid schedule")

@@ -265,6 +265,28 @@ def test_a_face_coming_in_beside_another_is_covered_before_it_is_found(anon_sett
         assert face_hidden(video[index], out[index], newcomer[index]) == 1.0, index
 
 
+def test_a_small_face_faster_than_its_width_a_frame_is_tracked_between_keyframes(anon_settings):
+    # A 14 px face crossing 24 px a frame (1280 px in 1.8 s) moves 96 px, seven of its
+    # widths, between keyframes: it is still matched to itself, and covered in between.
+    face = {index: Box(20 + 24 * index, 100, 14, 14, 0.8) for index in range(9)}
+    video = shot(0, range(9))
+    detector = FineLevelFaces({index: [face[index]] for index in (0, 4, 8)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (1, 2, 3, 5, 6, 7):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
+def test_a_face_coming_in_near_a_corner_is_stretched_to_both_edges(anon_settings):
+    # A face comes in from the left 16 px a frame, 20 px below the top; first found on
+    # keyframe 4, nearer the top edge than the left one. It came in from the left.
+    face = {index: Box(-12 + 16 * index, 20, 12, 12, 0.8) for index in range(9)}
+    video = shot(0, range(9))
+    detector = FineLevelFaces({4: [face[4]], 8: [face[8]]})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (1, 2, 3):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
 def test_a_face_that_seems_to_stop_at_once_is_also_carried_on(anon_settings):
     # A face crossing 8 px a frame is found on keyframes 0, 4 and 8; on keyframe 12 a face
     # stands where it was on frame 8 (another face, after a cut to the same background).

@@ -934,11 +934,13 @@ def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> list
     height, width = shape[:2]
     stretch = (2 + frames) * min(max(box.w, box.h), FAST_FACE_PX)
     x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
-    towards = {"left": (max(x0 - stretch, 0), y0, x1, y1), "top": (x0, max(y0 - stretch, 0), x1, y1),
+    towards = {"left": (max(x0 - stretch, 0), y0, x1, y1),
+               "top": (x0, max(y0 - stretch, 0), x1, y1),
                "right": (x0, y0, min(x1 + stretch, width), y1),
                "bottom": (x0, y0, x1, min(y1 + stretch, height))}
-    return [dataclasses.replace(box, x=a, y=b, w=c - a, h=d - b)
-            for edge, (a, b, c, d) in towards.items() if _edge_gaps(box, shape)[edge] < _reach(box, hold)]
+    gaps, reach = _edge_gaps(box, shape), _reach(box, hold)
+    return [dataclasses.replace(box, x=left, y=top, w=right - left, h=bottom - top)
+            for edge, (left, top, right, bottom) in towards.items() if gaps[edge] < reach]
 
 
 def _edge_gaps(box: Box, shape: tuple[int, ...]) -> dict[str, int]:

@@ -57,7 +57,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 9
+ALGORITHM_VERSION = 10
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -892,8 +892,13 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     on, in case the pairing is wrong. A box ahead that no box behind is tracked to is also
     stretched towards each frame edge near enough, as far as a face moves meanwhile (it may
     have come in from there), even where a box behind could have been it: that one may be
-    another face, tracked to its own. Duplicates are dropped: a static face gives the same
-    box each frame."""
+    another face, tracked to its own. Two faces moving fast side by side can be paired
+    crosswise (each box nearer the other's next box than its own), so where faces found at
+    LOST_FACE_SCORE or more moved farther than a slow face goes, every path that may be a
+    face's is covered: a box behind whose nearest box ahead is taken by another box of its
+    frame is also interpolated towards the box ahead it reaches at the lowest speed, and a box
+    ahead that no box behind is tracked to, from its nearest box behind. Duplicates are
+    dropped: a static face gives the same box each frame."""
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
@@ -903,14 +908,19 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
             matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
             if matches:
                 j, b = min(matches, key=lambda match: (match[0], _distance(a, match[1])))
+                k, nearest = _nearest_behind(past_boxes, j, b)
                 # Mutual nearest: two faces side by side are not swapped into one track.
-                if a is min((p for k, p in past_boxes if _same_face(p, b, j - k)),
-                            key=lambda p: _distance(p, b)):
+                if a is nearest:
                     held.add(_interpolate(a, b, (index - i) / (j - i)))
                     paired.add(b)
                     if _same_face(a, b, 0) and _on_course(a, velocities.get(a), b, j - i):
                         tracked.add(b)
                         continue
+                elif k == i:  # another face of this frame took it: maybe crosswise
+                    j, b = min(matches, key=lambda match: (_distance(a, match[1]) / (match[0] - i),
+                                                           match[0]))
+                    if _confident_and_fast(a, b):
+                        held.add(_interpolate(a, b, (index - i) / (j - i)))
             # No match, or one too far or off course to be sure of: held still, and carried
             # on if it moved.
             for kept in {a, _moved(a, velocities.get(a, (0.0, 0.0)), index - i)}:
@@ -918,12 +928,29 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                     held.add(kept)
     for j, after in future:
         for b in after:
+            behind = _nearest_behind(past_boxes, j, b)
+            if b not in paired and behind is not None and _confident_and_fast(behind[1], b):
+                k, nearest = behind
+                held.add(_interpolate(nearest, b, (index - k) / (j - k)))
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
                 if b not in paired:
                     held.update(_from_edge(b, j - index, hold, shape))
     return list(held)
+
+
+def _nearest_behind(past_boxes: list[tuple[int, Box]], j: int, b: Box) -> tuple[int, Box] | None:
+    """(frame, box) of the nearest past box that can be the same face as `b` on frame `j`."""
+    return min(((k, p) for k, p in past_boxes if _same_face(p, b, j - k)),
+               key=lambda kp: _distance(kp[1], b), default=None)
+
+
+def _confident_and_fast(a: Box, b: Box) -> bool:
+    """Whether `a` and a later `b` are both found at LOST_FACE_SCORE or more and farther apart
+    than a slow face goes (boxes at the detector's threshold come and go between neighbours:
+    covering each of their paths blurred more of Debian's `vtest.avi`, not more faces)."""
+    return min(a.score, b.score) >= LOST_FACE_SCORE and not _same_face(a, b, 0)
 
 
 def _from_edge(box: Box, frames: int, hold: int, shape: tuple[int, ...]) -> list[Box]:

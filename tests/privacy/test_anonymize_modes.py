@@ -276,6 +276,22 @@ def test_a_small_face_faster_than_its_width_a_frame_is_tracked_between_keyframes
         assert face_hidden(video[index], out[index], face[index]) == 1.0, index
 
 
+def test_two_small_faces_side_by_side_moving_fast_are_both_tracked_between_keyframes(
+        anon_settings):
+    # Two 14 px faces 31 px apart cross 32 px a frame, found on keyframes 0 and 4 only. The
+    # lower one on frame 0 is nearer the upper one's box on frame 4 (127.8 px) than its own
+    # (128.0 px): paired crosswise, one face would be interpolated across the lanes and the
+    # other held still. Each path that can be a face's is covered.
+    upper = {index: Box(20 + 32 * index, 60, 14, 14, 0.8) for index in range(5)}
+    lower = {index: Box(24 + 32 * index, 91 - (index == 4), 14, 14, 0.8) for index in range(5)}
+    video = shot(0, range(9))
+    detector = FineLevelFaces({index: [upper[index], lower[index]] for index in (0, 4)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (1, 2, 3):
+        for face in (upper[index], lower[index]):
+            assert face_hidden(video[index], out[index], face) == 1.0, (index, face)
+
+
 def test_a_face_coming_in_near_a_corner_is_stretched_to_both_edges(anon_settings):
     # A face comes in from the left 16 px a frame, 20 px below the top; first found on
     # keyframe 4, nearer the top edge than the left one. It came in from the left.

@@ -57,7 +57,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 10
+ALGORITHM_VERSION = 11
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -897,8 +897,10 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     LOST_FACE_SCORE or more moved farther than a slow face goes, every path that may be a
     face's is covered: a box behind whose nearest box ahead is taken by another box of its
     frame is also interpolated towards the box ahead it reaches at the lowest speed, and a box
-    ahead that no box behind is tracked to, from its nearest box behind. Duplicates are
-    dropped: a static face gives the same box each frame."""
+    ahead that no box behind is tracked to, from its nearest box behind. Only the latest box
+    of a face looks ahead: one found again since is neither held where it was nor paired.
+    Duplicates are dropped: a static face gives the same box each frame."""
+    past = _latest_boxes(past)
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
@@ -990,13 +992,29 @@ def _reach(box: Box, frames: int) -> int:
 def _velocities(index: int, boxes: list[Box],
                 past: list[tuple[int, list[Box], dict]]) -> dict[Box, tuple[float, float]]:
     """Pixels per frame of each box since the latest earlier box that can be the same face."""
+    past_boxes = [(i, p) for i, before, _ in past for p in before]
     speeds = {}
     for box in boxes:
-        earlier = [(i, p) for i, before, _ in past for p in before if _same_face(p, box, index - i)]
-        if earlier:
-            i, p = max(earlier, key=lambda match: (match[0], -_distance(match[1], box)))
+        found = _found_before(past_boxes, index, box)
+        if found is not None:
+            i, p = found
             speeds[box] = ((box.x - p.x) / (index - i), (box.y - p.y) / (index - i))
     return speeds
+
+
+def _found_before(past_boxes: list[tuple[int, Box]], index: int, box: Box) -> tuple[int, Box] | None:
+    """(frame, box) of the latest box before frame `index` that can be the same face as `box`
+    (the nearest, on that frame)."""
+    earlier = [(i, p) for i, p in past_boxes if i < index and _same_face(p, box, index - i)]
+    return max(earlier, key=lambda match: (match[0], -_distance(match[1], box)), default=None)
+
+
+def _latest_boxes(past: list[tuple[int, list[Box], dict]]) -> list[tuple[int, list[Box], dict]]:
+    """`past` without the boxes of faces found again on a later frame of it."""
+    past_boxes = [(i, a) for i, before, _ in past for a in before]
+    found_again = {_found_before(past_boxes, k, a) for k, a in past_boxes}
+    return [(i, [a for a in before if (i, a) not in found_again], velocities)
+            for i, before, velocities in past]
 
 
 def _on_course(a: Box, velocity: tuple[float, float] | None, b: Box, frames: int) -> bool:

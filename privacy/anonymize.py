@@ -930,8 +930,8 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                     held.add(kept)
     for j, after in future:
         for b in after:
-            behind = _nearest_behind(past_boxes, j, b)
-            if b not in paired and behind is not None and _confident_and_fast(behind[1], b):
+            behind = None if b in paired else _nearest_behind(past_boxes, j, b)
+            if behind is not None and _confident_and_fast(behind[1], b):
                 k, nearest = behind
                 held.add(_interpolate(nearest, b, (index - k) / (j - k)))
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)

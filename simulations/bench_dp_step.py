@@ -11,6 +11,7 @@ clips batch-size / K units whose rows are pooled before clipping, as in training
 process keeps freed memory as `fedvid`'s training does (`client.train.keep_freed_memory`);
 ``--fresh-pages`` leaves malloc's defaults.
 The loss is the task's training loss (`models.tasks`) on random clips, labels or boxes.
+``--device cuda`` runs both steps on a GPU, each timed to the end of its kernels.
 Ghost mode (classify only: it needs a criterion of (output, labels)) uses the criterion returned
 by make_private, as it must (backward through the plain criterion would skip clipping). The
 model comes from `models.registry`; ``--model standin`` is a small Conv3d classifier. For
@@ -95,17 +96,25 @@ def random_batch(task: str, batch_size: int, num_classes: int, clip_frames: int,
     return clips, torch.stack([detection_targets(b[None], num_classes, frame_size) for b in boxes])
 
 
-def _time_steps(steps: list[Callable[[], None]], warmup: int, repeats: int) -> list[float]:
+def _time_steps(steps: list[Callable[[], None]], warmup: int, repeats: int,
+                device: torch.device = torch.device("cpu")) -> list[float]:
     """Median seconds of each step, the steps taken in turn so that they share the machine's
-    state (a shared machine's speed drifts by tens of percent within a minute)."""
+    state (a shared machine's speed drifts by tens of percent within a minute). On a GPU each
+    step is timed to the end of its kernels, not of their launch."""
+    def wait() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         for step in steps:
             step()
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for step, taken in zip(steps, times):
+            wait()
             t = time.perf_counter()
             step()
+            wait()
             taken.append(time.perf_counter() - t)
     return [statistics.median(taken) for taken in times]
 
@@ -122,6 +131,7 @@ def bench(
     check: bool = True,
     task: str = "classify",
     clips_per_unit: int = 1,
+    device: torch.device = torch.device("cpu"),
 ) -> list[dict]:
     """Median step times (seconds) per mode and the DP/plain ratio. With ``clips_per_unit`` K
     > 1 the batch's clips are batch_size / K units, and the DP step pools each unit's rows into
@@ -133,8 +143,9 @@ def bench(
         raise ValueError(f"--batch-size {batch_size} is not a multiple of --clips-per-unit {clips_per_unit}")
     unit_index = torch.arange(batch_size // clips_per_unit).repeat_interleave(clips_per_unit)
     torch.manual_seed(0)
-    x, y = random_batch(task, batch_size, num_classes, clip_frames, frame_size)
-    base = factory().train()
+    x, y = (t.to(device) for t in random_batch(task, batch_size, num_classes, clip_frames, frame_size))
+    unit_index = unit_index.to(device)
+    base = factory().to(device).train()
     step_loss = get_task(task).step_loss
     # (output, labels) losses, for the ghost criterion and the brute-force check
     criterion = {"classify": nn.CrossEntropyLoss(), "detect": detection_loss}.get(task)
@@ -173,8 +184,8 @@ def bench(
             dp_opt.step()
 
         try:
-            t_plain, t_dp = _time_steps([plain_step, dp_step], warmup, repeats)
-            err = (check_per_sample_clipping(factory, x[:8], y[:8], mode, criterion)
+            t_plain, t_dp = _time_steps([plain_step, dp_step], warmup, repeats, device)
+            err = (check_per_sample_clipping(lambda: factory().to(device), x[:8], y[:8], mode, criterion)
                    if check and criterion is not None else float("nan"))
             rows.append(dict(mode=mode, plain_s=t_plain, dp_s=t_dp, ratio=t_dp / t_plain,
                              clip_rel_err=err, error=None))
@@ -203,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh-pages", action="store_true",
                    help="leave malloc's defaults (freed memory handed back to the kernel every step)")
     p.add_argument("--trainable-layers", default="", help="train only these layers in both steps, e.g. 'layer4,fc'")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     a = p.parse_args(argv)
+    device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     if not a.fresh_pages:
@@ -214,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     rows = bench(factory, a.batch_size, a.num_classes, a.clip_frames, a.frame_size,
                  tuple(a.modes.split(",")), repeats=a.repeats, check=not a.no_check, task=a.task,
-                 clips_per_unit=a.clips_per_unit)
+                 clips_per_unit=a.clips_per_unit, device=device)
     params = sum(p.numel() for p in factory().parameters() if p.requires_grad)
     print(f"task={a.task} model={name} size={a.size} params={params} batch={a.batch_size} "
           f"input=(B,3,{a.clip_frames},{a.frame_size},{a.frame_size}) "
-          f"threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'} "
+          f"device={device} threads={torch.get_num_threads()} trainable-layers={a.trainable_layers or 'all'} "
           f"clips-per-unit={a.clips_per_unit}")
     print(f"{'mode':<10} {'plain ms':>9} {'dp ms':>9} {'dp/plain':>9} {'clip err':>9}")
     for r in rows:

@@ -57,7 +57,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 11
+ALGORITHM_VERSION = 12
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -913,7 +913,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                 k, nearest = _nearest_behind(past_boxes, j, b)
                 # Mutual nearest: two faces side by side are not swapped into one track.
                 if a is nearest:
-                    held.add(_interpolate(a, b, (index - i) / (j - i)))
+                    held.add(_interpolate(a, b, (index - i) / (j - i), shape))
                     paired.add(b)
                     if _same_face(a, b, 0) and _on_course(a, velocities.get(a), b, j - i):
                         tracked.add(b)
@@ -922,7 +922,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                     j, b = min(matches, key=lambda match: (_distance(a, match[1]) / (match[0] - i),
                                                            match[0]))
                     if _confident_and_fast(a, b):
-                        held.add(_interpolate(a, b, (index - i) / (j - i)))
+                        held.add(_interpolate(a, b, (index - i) / (j - i), shape))
             # No match, or one too far or off course to be sure of: held still, and carried
             # on if it moved.
             for kept in {a, _moved(a, velocities.get(a, (0.0, 0.0)), index - i)}:
@@ -933,7 +933,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
             behind = None if b in paired else _nearest_behind(past_boxes, j, b)
             if behind is not None and _confident_and_fast(behind[1], b):
                 k, nearest = behind
-                held.add(_interpolate(nearest, b, (index - k) / (j - k)))
+                held.add(_interpolate(nearest, b, (index - k) / (j - k), shape))
             if (b not in tracked and not any(_same_face(a, b, 0) for _, a in past_boxes)
                     and not any(_overlaps(b, c, 0.3) for c in current)):
                 held.add(b)
@@ -1059,11 +1059,32 @@ def _same_face(a: Box, b: Box, frames_apart: int, fastest: int = FAST_FACE_PX) -
     return ratio < 2.0 and _distance(a, b) < 2.0 * width + abs(frames_apart) * max(width, fastest)
 
 
-def _interpolate(a: Box, b: Box, t: float) -> Box:
+def _interpolate(a: Box, b: Box, t: float, shape: tuple[int, ...]) -> Box:
+    """The box a fraction `t` of the way from `a` to `b`, each end first grown past the frame
+    edge it is cut by (see `_past_edge`)."""
+    a, b = _past_edge(a, b, shape), _past_edge(b, a, shape)
+
     def mix(u: float, v: float) -> int:
         return int(round(u + (v - u) * t))
 
     return Box(mix(a.x, b.x), mix(a.y, b.y), mix(a.w, b.w), mix(a.h, b.h), min(a.score, b.score))
+
+
+def _past_edge(box: Box, other: Box, shape: tuple[int, ...]) -> Box:
+    """`box`, where it touches one frame edge and is narrower (or shorter) than `other`, grown
+    past that edge to `other`'s width (height): a face half in view is found as its visible
+    half, and a face coming in or going out moves as a whole one, not shrunk at one end."""
+    gaps = _edge_gaps(box, shape)
+    x, w = _grown(box.x, box.w, other.w, gaps["left"], gaps["right"])
+    y, h = _grown(box.y, box.h, other.h, gaps["top"], gaps["bottom"])
+    return dataclasses.replace(box, x=x, y=y, w=w, h=h)
+
+
+def _grown(start: int, size: int, other: int, before: int, after: int) -> tuple[int, int]:
+    """(start, size) along one axis, grown to `other` past the edge it touches (gap <= 0)."""
+    if other <= size or (before <= 0) == (after <= 0):
+        return start, size
+    return (start + size - other, other) if before <= 0 else (start, other)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:

@@ -292,6 +292,18 @@ def test_two_small_faces_side_by_side_moving_fast_are_both_tracked_between_keyfr
             assert face_hidden(video[index], out[index], face) == 1.0, (index, face)
 
 
+def test_a_face_coming_in_fast_is_tracked_as_a_whole_face_from_its_half_in_view(anon_settings):
+    # A 22 px face comes in from the left 32 px a frame. On keyframe 0 a third of it is in
+    # view and found as a 12 px box at the edge; on keyframe 4 it is found whole. In between
+    # it moves as a whole face: the path is not one of a face growing from 12 px.
+    face = {index: Box(-14 + 32 * index, 100, 22, 22, 0.9) for index in range(5)}
+    found = {0: [Box(0, 102, 12, 18, 0.41)], 4: [face[4]]}
+    video = shot(0, range(9))
+    out, _ = FaceAnonymizer(anon_settings, detector=FineLevelFaces(found)).anonymize_frames(video)
+    for index in (1, 2, 3):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
 class EveryOtherFrame:
     """A detector that finds `faces[index]` on even frames, at every level."""
 

@@ -22,10 +22,12 @@ and stripped of colour. Against an ellipse with a margin it covers the corners o
 shaped blob that face detectors still find after blurring; skin tone goes with it.
 
 Video is processed as a stream. The fine levels run only every few frames (keyframes) and
-the stream looks ahead `hold_frames` frames. A detection is tracked to the nearest matching
-detection before and after it (a linear motion model between the two), so a moving face
-found only on keyframes is covered where it is, not by a smear of held boxes; a box with no
-match on one side (a face entering, leaving, or missed) is held still there, and the last
+the stream looks ahead twice `hold_frames` frames. A detection is tracked to the nearest
+matching detection before and after it (a linear motion model between the two), so a moving
+face found only on keyframes is covered where it is, not by a smear of held boxes; a box with
+no match on one side (a face entering, leaving, or missed) is held still there, a face
+missed on one keyframe is tracked across it, and one first found after it was in view is
+carried back at its speed; the last
 frame of a video is scanned by every level, and so is the last frame of a shot (where the
 picture changes at once, or where faces found on one keyframe are found nowhere near on the
 next): a face that came into view just before a cut has no detection after it to be tracked
@@ -57,7 +59,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 12
+ALGORITHM_VERSION = 14
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -122,7 +124,8 @@ class AnonymizerSettings:
         find (0.6% against 0.7% without; a grain of blocks took the networks to 0% too but
         the Haar cascade to 16%, smooth stripes or blotches raised BlazeFace's hits). The
         pattern is the same for every region, and moves with it: it carries nothing of the face.
-    hold_frames: a detection also covers this many frames before and after its own.
+    hold_frames: a detection also covers this many frames before and after its own; a
+        confident face is tracked across twice as many (a keyframe that missed it).
     window_sizes / window_every: pyramid levels (the window of the frame that the network's
         128 px input sees) and, for each, on every how many frames of a video it runs. The
         96 px level finds faces of 14-96 px in 1280x720 frames, the 256 and 512 px levels
@@ -726,13 +729,17 @@ class _Pending:
     levels: frozenset[int] = frozenset()  # the pyramid levels that ran on it
     full_range: bool = True  # whether the full-range pass ran on it
     change: float = 0.0  # share of its blocks that differ from the frame before (CUT_LEVELS)
+    # (its boxes, those of the hold_frames after it) once those are pushed: what it is tracked
+    # by; later scans may add boxes, which only the look further ahead (`_bridged`) uses.
+    settled: tuple[list[Box], list[tuple[int, list[Box]]]] | None = None
 
 
 @dataclass
 class VideoStream:
-    """Push frames of one video in order; get anonymized frames back `hold_frames` later,
-    once the detections after them are known. Memory: hold_frames + 1 frames. A pushed
-    frame is kept by reference until it comes back: do not modify it in the meantime."""
+    """Push frames of one video in order; get anonymized frames back twice `hold_frames`
+    later, once the detections after them are known (a face missed on one keyframe is
+    tracked across it). Memory: 2 x hold_frames + 1 frames. A pushed frame is kept by
+    reference until it comes back: do not modify it in the meantime."""
 
     anonymizer: FaceAnonymizer
     heads: HeadFinder | None = None
@@ -763,8 +770,9 @@ class VideoStream:
         self._pending.append(entry)
         self._scan_end_of_shot(entry)
         hold = self.anonymizer.settings.hold_frames
+        self._settle(index - hold)
         ready = []
-        while self._pending and self._pending[0].index <= index - hold:
+        while self._pending and self._pending[0].index <= index - 2 * hold:
             ready.append(self._emit())
         return ready
 
@@ -774,7 +782,16 @@ class VideoStream:
         tracked to the end of the video rather than held where it was last seen."""
         if self._pending:
             self._scan_every_level(self._pending[-1])
+            self._settle(self._pending[-1].index)
         return [self._emit() for _ in range(len(self._pending))]
+
+    def _settle(self, last: int) -> None:
+        """Fix what the pending frames up to `last` are tracked by (`_Pending.settled`)."""
+        hold = self.anonymizer.settings.hold_frames
+        for p in self._pending:
+            if p.settled is None and p.index <= last:
+                p.settled = (list(p.boxes), [(q.index, list(q.boxes)) for q in self._pending
+                                             if 0 < q.index - p.index <= hold])
 
     def _change(self, rgb: np.ndarray, index: int) -> float:
         """The share of frame `index`'s blocks that differ from the frame before by more
@@ -847,20 +864,21 @@ class VideoStream:
 
     def _emit(self) -> "AnonymizedFrame":
         settings = self.anonymizer.settings
-        current = self._pending.popleft()
-        past = [entry for entry in self._recent if current.index - entry[0] <= settings.hold_frames]
-        future = [(p.index, p.boxes) for p in self._pending
-                  if p.index - current.index <= settings.hold_frames]
-        held = _held_boxes(current.index, current.boxes, past, future, current.frame.shape,
-                           settings.hold_frames)
-        boxes = list(dict.fromkeys(current.boxes + held))
+        current, hold = self._pending.popleft(), settings.hold_frames
+        reached = [entry for entry in self._recent if current.index - entry[0] <= 2 * hold]
+        past = [entry for entry in reached if current.index - entry[0] <= hold]
+        ahead = [(p.index, p.boxes) for p in self._pending if p.index - current.index <= 2 * hold]
+        found, future = current.settled
+        held = (_held_boxes(current.index, found, past, future, current.frame.shape, hold)
+                + _bridged(current.index, reached, ahead, current.frame.shape, hold)
+                + _carried_back(current.index, reached, ahead, hold))
+        boxes = list(dict.fromkeys(found + current.boxes + held))
         out = hide_faces(current.frame, boxes, settings)
         with_heads = current.heads is not None and bool(current.heads.any())
         if with_heads:
             hide_mask(out, current.heads)
-        self._recent.append((current.index, current.boxes,
-                             _velocities(current.index, current.boxes, past)))
-        while self._recent and current.index - self._recent[0][0] >= settings.hold_frames:
+        self._recent.append((current.index, found, _velocities(current.index, found, past)))
+        while self._recent and current.index - self._recent[0][0] >= 2 * hold:
             self._recent.popleft()
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
                                       regions_blurred=len(boxes),
@@ -940,6 +958,59 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                 if b not in paired:
                     held.update(_from_edge(b, j - index, hold, shape))
     return list(held)
+
+
+def _bridged(index: int, past: list[tuple[int, list[Box], dict]], future: list[tuple[int, list[Box]]],
+             shape: tuple[int, ...], hold: int) -> list[Box]:
+    """Boxes of faces missed on a keyframe, over frames `_held_boxes` sees no match across: a
+    face's latest box behind and its first box ahead, at most 2 x `hold` frames apart, one
+    of them beyond `hold` from `index`, both found at LOST_FACE_SCORE or more, and each the
+    other's nearest, interpolated (a face found at the detector's threshold is not followed
+    this far: such boxes come and go between neighbours)."""
+    behind = [(i, a) for i, before, _ in _latest_boxes(past) for a in before
+              if a.score >= LOST_FACE_SCORE]
+    bridged = []
+    for i, a in behind:
+        match = _first_match(i, a, future)
+        if match is None:
+            continue
+        j, b = match
+        if (b.score >= LOST_FACE_SCORE and j - i <= 2 * hold and max(index - i, j - index) > hold
+                and _nearest_behind(behind, j, b) == (i, a)):
+            bridged.append(_interpolate(a, b, (index - i) / (j - i), shape))
+    return bridged
+
+
+def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
+                  future: list[tuple[int, list[Box]]], hold: int) -> list[Box]:
+    """Boxes of faces first found within `hold` frames ahead and found again after that:
+    carried back from the first box at the speed between the two (the face was there,
+    moving, and missed on the keyframes before), as a face no longer found is carried on.
+    A box ahead is a face first found where no box behind has it as its nearest match on
+    its frame. Only faces found at LOST_FACE_SCORE or more, each box the other's nearest."""
+    ahead = [(j, b) for j, after in future for b in after if b.score >= LOST_FACE_SCORE]
+    claimed = {(j, min(matches, key=lambda b: _distance(a, b)))
+               for i, before, _ in _latest_boxes(past) for a in before for j, after in future
+               if (matches := [b for b in after if _same_face(a, b, j - i)])}
+    carried = []
+    for j, b in ahead:
+        if j - index > hold or (j, b) in claimed:
+            continue
+        later = [(k, c) for k, c in ahead if k > j and _same_face(b, c, k - j)]
+        if not later:
+            continue
+        k, c = min(later, key=lambda match: (match[0], _distance(b, match[1])))
+        if _nearest_behind([(i, a) for i, a in ahead if i < k], k, c) == (j, b):
+            speed = ((c.x - b.x) / (k - j), (c.y - b.y) / (k - j))
+            carried.append(_moved(b, speed, index - j))
+    return carried
+
+
+def _first_match(i: int, a: Box, future: list[tuple[int, list[Box]]]) -> tuple[int, Box] | None:
+    """(frame, box) of the earliest box ahead that can be the same face as `a` on frame `i`,
+    the nearest on that frame."""
+    matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
+    return min(matches, key=lambda match: (match[0], _distance(a, match[1])), default=None)
 
 
 def _nearest_behind(past_boxes: list[tuple[int, Box]], j: int, b: Box) -> tuple[int, Box] | None:

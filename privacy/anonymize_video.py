@@ -1,7 +1,7 @@
 """Anonymize a video or image file: the body of `fedvid anonymize IN OUT [--preview PNG]`.
 
 Videos are streamed: frames are decoded one at a time, pushed through a `VideoStream` (which
-keeps only hold_frames + 1 frames for its look-ahead) and written as they become final, so
+keeps only 2 x hold_frames + 1 frames for its look-ahead) and written as they become final, so
 memory stays bounded for any length while the temporal hold spans the whole video.
 """
 

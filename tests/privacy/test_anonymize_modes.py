@@ -304,6 +304,30 @@ def test_a_face_coming_in_fast_is_tracked_as_a_whole_face_from_its_half_in_view(
         assert face_hidden(video[index], out[index], face[index]) == 1.0, index
 
 
+def test_a_moving_face_missed_on_one_keyframe_is_tracked_across_it(anon_settings):
+    # A 16 px face moving 8 px a frame is found on keyframes 0, 8 and 12, missed on 4: held
+    # where it was found, it would leave frames 2-3 and 5-7 open (the box ahead and the box
+    # behind are 8 frames apart, twice the hold).
+    face = {index: Box(40 + 8 * index, 100, 16, 16, 0.8) for index in range(13)}
+    video = shot(0, range(13))
+    detector = FineLevelFaces({index: [face[index]] for index in (0, 8, 12)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in range(1, 8):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
+def test_a_moving_face_missed_on_the_first_keyframe_is_carried_back(anon_settings):
+    # A face like it, in view from frame 0 but first found on keyframe 4, then on 8, too far
+    # from the edges to be stretched to them: frames 0-3 are covered by its box of frame 4
+    # carried back at its speed, not held still.
+    face = {index: Box(140 + 8 * index, 100, 16, 16, 0.8) for index in range(13)}
+    video = shot(0, range(13))
+    detector = FineLevelFaces({index: [face[index]] for index in (4, 8, 12)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in range(0, 4):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
 class EveryOtherFrame:
     """A detector that finds `faces[index]` on even frames, at every level."""
 

@@ -989,9 +989,8 @@ def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
     A box ahead is a face first found where no box behind has it as its nearest match on
     its frame. Only faces found at LOST_FACE_SCORE or more, each box the other's nearest."""
     ahead = [(j, b) for j, after in future for b in after if b.score >= LOST_FACE_SCORE]
-    claimed = {(j, min(matches, key=lambda b: _distance(a, b)))
-               for i, before, _ in _latest_boxes(past) for a in before for j, after in future
-               if (matches := [b for b in after if _same_face(a, b, j - i)])}
+    claimed = {match for i, before, _ in _latest_boxes(past) for a in before
+               for match in _nearest_ahead(i, a, future)}
     carried = []
     for j, b in ahead:
         if j - index > hold or (j, b) in claimed:
@@ -1006,11 +1005,19 @@ def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
     return carried
 
 
+def _nearest_ahead(i: int, a: Box, future: list[tuple[int, list[Box]]]) -> Iterator[tuple[int, Box]]:
+    """(frame, box) of the box nearest `a` (on frame `i`) on each frame ahead, in order, where
+    one can be the same face."""
+    for j, after in future:
+        matches = [b for b in after if _same_face(a, b, j - i)]
+        if matches:
+            yield j, min(matches, key=lambda b: _distance(a, b))
+
+
 def _first_match(i: int, a: Box, future: list[tuple[int, list[Box]]]) -> tuple[int, Box] | None:
     """(frame, box) of the earliest box ahead that can be the same face as `a` on frame `i`,
     the nearest on that frame."""
-    matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
-    return min(matches, key=lambda match: (match[0], _distance(a, match[1])), default=None)
+    return next(_nearest_ahead(i, a, sorted(future, key=lambda entry: entry[0])), None)
 
 
 def _nearest_behind(past_boxes: list[tuple[int, Box]], j: int, b: Box) -> tuple[int, Box] | None:

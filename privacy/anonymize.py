@@ -59,7 +59,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 14
+ALGORITHM_VERSION = 15
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -966,19 +966,33 @@ def _bridged(index: int, past: list[tuple[int, list[Box], dict]], future: list[t
     face's latest box behind and its first box ahead, at most 2 x `hold` frames apart, one
     of them beyond `hold` from `index`, both found at LOST_FACE_SCORE or more, and each the
     other's nearest, interpolated (a face found at the detector's threshold is not followed
-    this far: such boxes come and go between neighbours)."""
-    behind = [(i, a) for i, before, _ in _latest_boxes(past) for a in before
-              if a.score >= LOST_FACE_SCORE]
+    this far: such boxes come and go between neighbours). Over such a gap a face moving on
+    is nearer where its speed takes it than where it was: distances are from there (speeds
+    over FAST_FACE_PX, from a box paired with another face, are not taken)."""
+    behind = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in _latest_boxes(past)
+              for a in before if a.score >= LOST_FACE_SCORE]
+
+    def nearest_behind(j: int, b: Box) -> tuple[int, Box] | None:
+        candidates = [(i, a, v) for i, a, v in behind if _same_face(a, b, j - i)]
+        i, a, _ = min(candidates, key=lambda c: _distance(_moved(c[1], c[2], j - c[0]), b),
+                      default=(None, None, None))
+        return None if a is None else (i, a)
+
     bridged = []
-    for i, a in behind:
-        match = _first_match(i, a, future)
+    for i, a, velocity in behind:
+        match = _first_match(i, a, future, velocity)
         if match is None:
             continue
         j, b = match
         if (b.score >= LOST_FACE_SCORE and j - i <= 2 * hold and max(index - i, j - index) > hold
-                and _nearest_behind(behind, j, b) == (i, a)):
+                and nearest_behind(j, b) == (i, a)):
             bridged.append(_interpolate(a, b, (index - i) / (j - i), shape))
     return bridged
+
+
+def _plausible(velocity: tuple[float, float] | None) -> tuple[float, float]:
+    """`velocity` if a face can move so fast, else none."""
+    return velocity if velocity is not None and max(map(abs, velocity)) <= FAST_FACE_PX else (0.0, 0.0)
 
 
 def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
@@ -1005,19 +1019,21 @@ def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
     return carried
 
 
-def _nearest_ahead(i: int, a: Box, future: list[tuple[int, list[Box]]]) -> Iterator[tuple[int, Box]]:
-    """(frame, box) of the box nearest `a` (on frame `i`) on each frame ahead, in order, where
-    one can be the same face."""
+def _nearest_ahead(i: int, a: Box, future: list[tuple[int, list[Box]]],
+                   velocity: tuple[float, float] = (0.0, 0.0)) -> Iterator[tuple[int, Box]]:
+    """(frame, box) of the box nearest `a` (on frame `i`, moving at `velocity`) on each frame
+    ahead, in order, where one can be the same face."""
     for j, after in future:
         matches = [b for b in after if _same_face(a, b, j - i)]
         if matches:
-            yield j, min(matches, key=lambda b: _distance(a, b))
+            yield j, min(matches, key=lambda b: _distance(_moved(a, velocity, j - i), b))
 
 
-def _first_match(i: int, a: Box, future: list[tuple[int, list[Box]]]) -> tuple[int, Box] | None:
+def _first_match(i: int, a: Box, future: list[tuple[int, list[Box]]],
+                 velocity: tuple[float, float] = (0.0, 0.0)) -> tuple[int, Box] | None:
     """(frame, box) of the earliest box ahead that can be the same face as `a` on frame `i`,
-    the nearest on that frame."""
-    return next(_nearest_ahead(i, a, sorted(future, key=lambda entry: entry[0])), None)
+    the nearest on that frame to where `velocity` takes `a`."""
+    return next(_nearest_ahead(i, a, sorted(future, key=lambda entry: entry[0]), velocity), None)
 
 
 def _nearest_behind(past_boxes: list[tuple[int, Box]], j: int, b: Box) -> tuple[int, Box] | None:

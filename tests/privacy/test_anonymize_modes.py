@@ -316,6 +316,23 @@ def test_a_moving_face_missed_on_one_keyframe_is_tracked_across_it(anon_settings
         assert face_hidden(video[index], out[index], face[index]) == 1.0, index
 
 
+def test_a_face_missed_on_a_keyframe_is_told_from_a_neighbour_by_where_it_was_heading(
+        anon_settings):
+    # A face moving right 12 px a frame is found on keyframes 0, 4, 8 and 16, missed on 12.
+    # A face in the lane above, moving 24 px a frame, is found on keyframes 0, 4 and 8, then
+    # no more (it turned away): its box of frame 8 is nearer the first face's box of frame
+    # 16 (42 px) than that face's own box of frame 8 (96 px), but far from where its speed
+    # took it. The first face is tracked across keyframe 12 from its own box. (On frames 9-11
+    # it is not yet: its speed is taken from the nearest box of frame 4, the other face's.)
+    face = {index: Box(20 + 12 * index, 150, 16, 16, 0.8) for index in range(17)}
+    above = {index: Box(8 + 24 * index, 110, 16, 16, 0.8) for index in (0, 4, 8)}
+    found = {index: [face[index]] + ([above[index]] if index in above else []) for index in (0, 4, 8, 16)}
+    video = shot(0, range(17))
+    out, _ = FaceAnonymizer(anon_settings, detector=FineLevelFaces(found)).anonymize_frames(video)
+    for index in (13, 14, 15):
+        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+
+
 def test_a_moving_face_missed_on_the_first_keyframe_is_carried_back(anon_settings):
     # A face like it, in view from frame 0 but first found on keyframe 4, then on 8, too far
     # from the edges to be stretched to them: frames 0-3 are covered by its box of frame 4

@@ -297,10 +297,16 @@ def test_a_face_coming_in_fast_is_tracked_as_a_whole_face_from_its_half_in_view(
     # view and found as a 12 px box at the edge; on keyframe 4 it is found whole. In between
     # it moves as a whole face: the path is not one of a face growing from 12 px.
     face = {index: Box(-14 + 32 * index, 100, 22, 22, 0.9) for index in range(5)}
-    found = {0: [Box(0, 102, 12, 18, 0.41)], 4: [face[4]]}
-    video = shot(0, range(9))
+    assert_hidden(anon_settings, {0: [Box(0, 102, 12, 18, 0.41)], 4: [face[4]]}, 9, face, (1, 2, 3))
+
+
+def assert_hidden(anon_settings, found: dict[int, list[Box]], frames: int, face: dict[int, Box],
+                  checked) -> None:
+    """Anonymize `frames` frames of one shot where the detector finds `found`; on each
+    `checked` frame the whole of `face` there must be changed."""
+    video = shot(0, range(frames))
     out, _ = FaceAnonymizer(anon_settings, detector=FineLevelFaces(found)).anonymize_frames(video)
-    for index in (1, 2, 3):
+    for index in checked:
         assert face_hidden(video[index], out[index], face[index]) == 1.0, index
 
 
@@ -309,11 +315,7 @@ def test_a_moving_face_missed_on_one_keyframe_is_tracked_across_it(anon_settings
     # where it was found, it would leave frames 2-3 and 5-7 open (the box ahead and the box
     # behind are 8 frames apart, twice the hold).
     face = {index: Box(40 + 8 * index, 100, 16, 16, 0.8) for index in range(13)}
-    video = shot(0, range(13))
-    detector = FineLevelFaces({index: [face[index]] for index in (0, 8, 12)})
-    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
-    for index in range(1, 8):
-        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+    assert_hidden(anon_settings, {index: [face[index]] for index in (0, 8, 12)}, 13, face, range(1, 8))
 
 
 def test_a_face_missed_on_a_keyframe_is_told_from_a_neighbour_by_where_it_was_heading(
@@ -327,22 +329,15 @@ def test_a_face_missed_on_a_keyframe_is_told_from_a_neighbour_by_where_it_was_he
     face = {index: Box(20 + 12 * index, 150, 16, 16, 0.8) for index in range(17)}
     above = {index: Box(8 + 24 * index, 110, 16, 16, 0.8) for index in (0, 4, 8)}
     found = {index: [face[index]] + ([above[index]] if index in above else []) for index in (0, 4, 8, 16)}
-    video = shot(0, range(17))
-    out, _ = FaceAnonymizer(anon_settings, detector=FineLevelFaces(found)).anonymize_frames(video)
-    for index in (13, 14, 15):
-        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+    assert_hidden(anon_settings, found, 17, face, (13, 14, 15))
 
 
 def test_a_moving_face_missed_on_the_first_keyframe_is_carried_back(anon_settings):
-    # A face like it, in view from frame 0 but first found on keyframe 4, then on 8, too far
-    # from the edges to be stretched to them: frames 0-3 are covered by its box of frame 4
-    # carried back at its speed, not held still.
+    # A 16 px face moving 8 px a frame, in view from frame 0 but first found on keyframe 4,
+    # then on 8, too far from the edges to be stretched to them: frames 0-3 are covered by
+    # its box of frame 4 carried back at its speed, not held still.
     face = {index: Box(140 + 8 * index, 100, 16, 16, 0.8) for index in range(13)}
-    video = shot(0, range(13))
-    detector = FineLevelFaces({index: [face[index]] for index in (4, 8, 12)})
-    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
-    for index in range(0, 4):
-        assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+    assert_hidden(anon_settings, {index: [face[index]] for index in (4, 8, 12)}, 13, face, range(4))
 
 
 class EveryOtherFrame:

@@ -59,7 +59,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 15
+ALGORITHM_VERSION = 16
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -907,10 +907,11 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     other side, and not overlapping a box found on this frame, is held still (a face entering,
     leaving or missed there) and, if it was moving, also carried on at its speed; so are both
     ends of a match farther apart than a slow face goes, or off the course the face behind was
-    on, in case the pairing is wrong. A box ahead that no box behind is tracked to is also
-    stretched towards each frame edge near enough, as far as a face moves meanwhile (it may
-    have come in from there), even where a box behind could have been it: that one may be
-    another face, tracked to its own. Two faces moving fast side by side can be paired
+    on, in case the pairing is wrong, and so is a face found at LOST_FACE_SCORE or more matched
+    to a box at the detector's threshold (it may be a false positive beside a missed face).
+    A box ahead that no box behind is tracked to is also stretched towards each frame edge
+    near enough, as far as a face moves meanwhile (it may have come in from there), even where
+    a box behind could have been it: that one may be another face, tracked to its own. Two faces moving fast side by side can be paired
     crosswise (each box nearer the other's next box than its own), so where faces found at
     LOST_FACE_SCORE or more moved farther than a slow face goes, every path that may be a
     face's is covered: a box behind whose nearest box ahead is taken by another box of its
@@ -933,7 +934,8 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
                 if a is nearest:
                     held.add(_interpolate(a, b, (index - i) / (j - i), shape))
                     paired.add(b)
-                    if _same_face(a, b, 0) and _on_course(a, velocities.get(a), b, j - i):
+                    if (_same_face(a, b, 0) and _on_course(a, velocities.get(a), b, j - i)
+                            and (b.score >= LOST_FACE_SCORE or a.score < LOST_FACE_SCORE)):
                         tracked.add(b)
                         continue
                 elif k == i:  # another face of this frame took it: maybe crosswise

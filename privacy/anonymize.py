@@ -869,9 +869,10 @@ class VideoStream:
         past = [entry for entry in reached if current.index - entry[0] <= hold]
         ahead = [(p.index, p.boxes) for p in self._pending if p.index - current.index <= 2 * hold]
         found, future = current.settled
+        latest = _latest_boxes(reached)
         held = (_held_boxes(current.index, found, past, future, current.frame.shape, hold)
-                + _bridged(current.index, reached, ahead, current.frame.shape, hold)
-                + _carried_back(current.index, reached, ahead, hold))
+                + _bridged(current.index, latest, ahead, current.frame.shape, hold)
+                + _carried_back(current.index, latest, ahead, hold))
         boxes = list(dict.fromkeys(found + current.boxes + held))
         out = hide_faces(current.frame, boxes, settings)
         with_heads = current.heads is not None and bool(current.heads.any())
@@ -962,7 +963,7 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     return list(held)
 
 
-def _bridged(index: int, past: list[tuple[int, list[Box], dict]], future: list[tuple[int, list[Box]]],
+def _bridged(index: int, latest: list[tuple[int, list[Box], dict]], future: list[tuple[int, list[Box]]],
              shape: tuple[int, ...], hold: int) -> list[Box]:
     """Boxes of faces missed on a keyframe, over frames `_held_boxes` sees no match across: a
     face's latest box behind and its first box ahead, at most 2 x `hold` frames apart, one
@@ -970,8 +971,9 @@ def _bridged(index: int, past: list[tuple[int, list[Box], dict]], future: list[t
     other's nearest, interpolated (a face found at the detector's threshold is not followed
     this far: such boxes come and go between neighbours). Over such a gap a face moving on
     is nearer where its speed takes it than where it was: distances are from there (speeds
-    over FAST_FACE_PX, from a box paired with another face, are not taken)."""
-    behind = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in _latest_boxes(past)
+    over FAST_FACE_PX, from a box paired with another face, are not taken). `latest`: the
+    frames behind, each face's latest box only (`_latest_boxes`)."""
+    behind = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in latest
               for a in before if a.score >= LOST_FACE_SCORE]
 
     def nearest_behind(j: int, b: Box) -> tuple[int, Box] | None:
@@ -997,15 +999,16 @@ def _plausible(velocity: tuple[float, float] | None) -> tuple[float, float]:
     return velocity if velocity is not None and max(map(abs, velocity)) <= FAST_FACE_PX else (0.0, 0.0)
 
 
-def _carried_back(index: int, past: list[tuple[int, list[Box], dict]],
+def _carried_back(index: int, latest: list[tuple[int, list[Box], dict]],
                   future: list[tuple[int, list[Box]]], hold: int) -> list[Box]:
     """Boxes of faces first found within `hold` frames ahead and found again after that:
     carried back from the first box at the speed between the two (the face was there,
     moving, and missed on the keyframes before), as a face no longer found is carried on.
     A box ahead is a face first found where no box behind has it as its nearest match on
-    its frame. Only faces found at LOST_FACE_SCORE or more, each box the other's nearest."""
+    its frame. Only faces found at LOST_FACE_SCORE or more, each box the other's nearest.
+    `latest`: the frames behind, each face's latest box only (`_latest_boxes`)."""
     ahead = [(j, b) for j, after in future for b in after if b.score >= LOST_FACE_SCORE]
-    claimed = {match for i, before, _ in _latest_boxes(past) for a in before
+    claimed = {match for i, before, _ in latest for a in before
                for match in _nearest_ahead(i, a, future)}
     carried = []
     for j, b in ahead:

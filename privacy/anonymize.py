@@ -912,14 +912,15 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     to a box at the detector's threshold (it may be a false positive beside a missed face).
     A box ahead that no box behind is tracked to is also stretched towards each frame edge
     near enough, as far as a face moves meanwhile (it may have come in from there), even where
-    a box behind could have been it: that one may be another face, tracked to its own. Two faces moving fast side by side can be paired
-    crosswise (each box nearer the other's next box than its own), so where faces found at
-    LOST_FACE_SCORE or more moved farther than a slow face goes, every path that may be a
-    face's is covered: a box behind whose nearest box ahead is taken by another box of its
-    frame is also interpolated towards the box ahead it reaches at the lowest speed, and a box
-    ahead that no box behind is tracked to, from its nearest box behind. Only the latest box
-    of a face looks ahead: one found again since is neither held where it was nor paired.
-    Duplicates are dropped: a static face gives the same box each frame."""
+    a box behind could have been it: that one may be another face, tracked to its own. Two
+    faces moving fast side by side can be paired crosswise (each box nearer the other's next
+    box than its own), so where faces found at LOST_FACE_SCORE or more moved farther than a
+    slow face goes, every path that may be a face's is covered: a box behind whose nearest
+    box ahead is taken by another box of its frame is also interpolated towards the box ahead
+    it reaches at the lowest speed, and a box ahead that no box behind is tracked to, from its
+    nearest box behind. Only the latest box of a face looks ahead: one found again since is
+    neither held where it was nor paired. Duplicates are dropped: a static face gives the
+    same box each frame."""
     past = _latest_boxes(past)
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
@@ -963,8 +964,8 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     return list(held)
 
 
-def _bridged(index: int, latest: list[tuple[int, list[Box], dict]], future: list[tuple[int, list[Box]]],
-             shape: tuple[int, ...], hold: int) -> list[Box]:
+def _bridged(index: int, latest: list[tuple[int, list[Box], dict]],
+             future: list[tuple[int, list[Box]]], shape: tuple[int, ...], hold: int) -> list[Box]:
     """Boxes of faces missed on a keyframe, over frames `_held_boxes` sees no match across: a
     face's latest box behind and its first box ahead, at most 2 x `hold` frames apart, one
     of them beyond `hold` from `index`, both found at LOST_FACE_SCORE or more, and each the
@@ -995,8 +996,10 @@ def _bridged(index: int, latest: list[tuple[int, list[Box], dict]], future: list
 
 
 def _plausible(velocity: tuple[float, float] | None) -> tuple[float, float]:
-    """`velocity` if a face can move so fast, else none."""
-    return velocity if velocity is not None and max(map(abs, velocity)) <= FAST_FACE_PX else (0.0, 0.0)
+    """`velocity` if a face can move so fast, else standing still."""
+    if velocity is None or max(map(abs, velocity)) > FAST_FACE_PX:
+        return (0.0, 0.0)
+    return velocity
 
 
 def _carried_back(index: int, latest: list[tuple[int, list[Box], dict]],

@@ -1,6 +1,7 @@
 """Benchmark: one site's DP rounds through the real ClientApp handler, on the CPU or a GPU.
 
-    python -m simulations.bench_site_round [--device cuda] [--rounds 3] [--sites 4] [--run-config '...']
+    python -m simulations.bench_site_round [--device cuda] [--rounds 3] [--sites 4]
+        [--run-config '...']
 
 The site is partition 0 of a simulated federation of ``--sites`` sites on the built-in data (the
 quick start's site), its videos anonymized as a site anonymizes them (`faces`, cached after the
@@ -43,7 +44,8 @@ def ask_to_train(model: torch.nn.Module, server_round: int) -> Message:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
+    p.add_argument("--device", default="",
+                   help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sites", type=int, default=4, help="the site holds 1/sites of the shared data")
     p.add_argument("--run-config", default="", help="overrides, as `fedvid simulate --run-config`")
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as privacy_dir:
         node = {"partition-id": 0, "num-partitions": a.sites, "privacy-dir": privacy_dir,
                 "device": str(device), "site-id": "bench"}
-        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config.to_mapping())
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                          run_config=config.to_mapping())
         started = time.perf_counter()
         _, _, _, data = client_app.site_of(context)
         print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "

@@ -36,6 +36,7 @@ from client.dataset import (
     FrameAnonymizer,
     VideoItem,
     file_digest,
+    fill_cache,
     video_clips,
 )
 from client.video import VIDEO_SUFFIXES, VideoError
@@ -220,18 +221,21 @@ def load_detection_clips(
     cache_dir: Path | None,
     progress: bool = False,
     num_classes: int | None = None,
+    workers: int = 0,
 ) -> DetectionClipSet:
     """Anonymized clips of ``items`` with the boxes of each clip's centre frame.
 
     Clips come from client.dataset.video_clips (decoded, face-anonymized, cached). A video that
     cannot be decoded is reported and skipped. ``num_classes`` (from scan_detection_folder's
     classes) defaults to the length of the nearest classes.txt above the first video.
+    ``workers``: processes that anonymize videos not yet cached (client.dataset.fill_cache).
     """
     from rich.progress import track
 
     if not items:
         raise DataError("no detection videos to load")
     num_classes = num_classes or _classes_near(Path(items[0].path))
+    fill_cache(items, spec, anonymizer, cache_dir, workers, progress)
     clips, boxes, skipped, faces, sources = [], [], [], 0, []
     iterator = track(items, description="preparing clips") if progress else items
     for item in iterator:

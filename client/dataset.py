@@ -7,10 +7,14 @@ clips, so no code path can turn raw frames into training data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -226,10 +230,13 @@ def load_clips(
     anonymizer: FrameAnonymizer,
     cache_dir: Path | None,
     progress: bool = False,
+    workers: int = 0,
 ) -> ClipSet:
-    """Anonymized clips of `items`; a video that cannot be decoded is reported and skipped."""
+    """Anonymized clips of `items`; a video that cannot be decoded is reported and skipped.
+    `workers`: processes that anonymize videos not yet cached (see `fill_cache`)."""
     from rich.progress import track
 
+    fill_cache(items, spec, anonymizer, cache_dir, workers, progress)
     clips, labels, skipped, faces, sources = [], [], [], 0, []
     iterator = track(items, description="preparing clips") if progress else items
     for item in iterator:
@@ -246,3 +253,71 @@ def load_clips(
     if not clips:
         raise DataError(f"none of the {len(items)} videos could be decoded")
     return ClipSet(np.concatenate(clips), np.asarray(labels, dtype=np.int64), faces, skipped, sources)
+
+
+# --- Anonymizing a site's videos on all its cores -------------------------------------
+
+MAX_DEFAULT_WORKERS = 8  # each worker holds its own detector (~0.3 GB at 720p) and a video's frames
+
+
+def anonymize_workers(requested: int = 0) -> int:
+    """Processes that anonymize videos: `requested`, or with 0 one per core, at most 8."""
+    return requested or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
+
+
+def fill_cache(items: Sequence[VideoItem], spec: ClipSpec, anonymizer: FrameAnonymizer,
+               cache_dir: Path | None, workers: int = 0, progress: bool = False) -> None:
+    """Anonymize the videos of `items` that are not in the clip cache yet, several at a time,
+    each in a worker process that loads the anonymizer's models itself: a video's clips do
+    not depend on which process made them (the cache is keyed on the settings, the models'
+    bytes and the algorithm). Loaders then read the cache. A video that cannot be decoded is
+    left to them to report and skip; any other error (a face model that does not load in a
+    worker) stops the loading. Without a cache, with one worker, or with an anonymizer that
+    cannot be rebuilt from its settings (a given detector), nothing happens here."""
+    settings = getattr(anonymizer, "settings", None) if getattr(anonymizer, "rebuildable", False) else None
+    workers = anonymize_workers(workers)
+    if cache_dir is None or settings is None or workers < 2:
+        return
+    todo = [item.path for item in items if not _cache_path(cache_dir, item.path, spec, anonymizer).is_file()]
+    if len(todo) < 2:
+        return
+    workers = min(workers, len(todo))
+    # LiteRT's threads shared among the workers: speed only, never the output.
+    settings = dataclasses.replace(settings, threads=settings.threads or max(1, (os.cpu_count() or 1) // workers))
+    # Spawned, not forked: a forked child would inherit the parent's threads' locks.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_cache_one, path, spec, settings, cache_dir) for path in todo]
+        try:
+            for future in _progress(as_completed(futures), len(futures), progress):
+                future.result()
+        except BrokenProcessPool as exc:
+            # A worker died (out of memory, or it could not start: a calling script without
+            # `if __name__ == "__main__":`). The loader anonymizes what is left itself.
+            log.warning("anonymizing in %d worker processes failed (%s); going on in this one", workers, exc)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _progress(futures, total: int, enabled: bool):
+    if not enabled:
+        return futures
+    from rich.progress import track
+
+    return track(futures, total=total, description="anonymizing videos")
+
+
+_WORKER_ANONYMIZER = None  # one per worker process, loaded on its first video
+
+
+def _cache_one(path: Path, spec: ClipSpec, settings, cache_dir: Path) -> None:
+    """In a worker process: anonymize one video into the cache."""
+    global _WORKER_ANONYMIZER
+    if _WORKER_ANONYMIZER is None:
+        from privacy.anonymize import FaceAnonymizer
+
+        _WORKER_ANONYMIZER = FaceAnonymizer(settings)  # fails closed, like the parent's
+    try:
+        video_clips(path, spec, _WORKER_ANONYMIZER, cache_dir)
+    except VideoError:
+        pass  # the loader decodes it again, reports it and skips it

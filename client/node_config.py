@@ -45,6 +45,7 @@ class NodeConfig:
     dp_seed: int = -1                # >= 0: seeded DP noise and sampling (tests, comparisons); -1: os entropy
     allowed_fab_hashes: str = ""     # comma-separated SHA-256 of the app bundles the site runs
     anonymize_mode: str = "faces"    # "faces", or "faces+heads": also hide moving people's heads
+    anonymize_workers: int = 0       # processes that anonymize the site's videos; 0: one per core, at most 8
     partition_id: int = -1           # simulation only (set by Flower)
     num_partitions: int = 0          # simulation only (set by Flower)
 
@@ -77,6 +78,9 @@ class NodeConfig:
         if self.anonymize_mode not in ANONYMIZE_MODES:
             raise ValueError(f"node-config anonymize-mode = {self.anonymize_mode!r} must be one of "
                              f"{', '.join(ANONYMIZE_MODES)}")
+        if self.anonymize_workers < 0:
+            raise ValueError(f"node-config anonymize-workers = {self.anonymize_workers} must be >= 0 "
+                             "(0: one per core)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"node-config val-fraction = {self.val_fraction} must be in [0, 1)")
         if not self.data_dir and self.partition_id < 0:

@@ -62,11 +62,12 @@ def scan_dataset(config: RunConfig, root: Path) -> tuple[tuple[str, ...], list[V
 
 def load_task_clips(
     config: RunConfig, items: list[VideoItem], spec: ClipSpec, anonymizer: FrameAnonymizer, cache: Path | None,
-    progress: bool = False,
+    progress: bool = False, workers: int = 0,
 ) -> ClipSet:
-    """Anonymized clips of `items`, with each clip's boxes for `detect`."""
+    """Anonymized clips of `items`, with each clip's boxes for `detect`; `workers` processes
+    anonymize the videos not yet cached (0: one per core, at most 8)."""
     load = load_detection_clips if config.task == "detect" else load_clips
-    return load(items, spec, anonymizer, cache, progress=progress)
+    return load(items, spec, anonymizer, cache, progress=progress, workers=workers)
 
 
 def federation_split(config: RunConfig) -> tuple[tuple[str, ...], list[VideoItem], list[VideoItem]]:
@@ -137,8 +138,9 @@ def load_site_data(config: RunConfig, node: NodeConfig, anonymizer: FrameAnonymi
     if not train_items:
         raise DataError(f"the site has {len(items)} videos: none left for training after val-fraction")
     spec, cache = clip_spec(config), cache_dir(node)
-    train = load_task_clips(config, train_items, spec, anonymizer, cache)
-    val = load_task_clips(config, val_items, spec, anonymizer, cache) if val_items else None
+    workers = node.anonymize_workers
+    train = load_task_clips(config, train_items, spec, anonymizer, cache, workers=workers)
+    val = load_task_clips(config, val_items, spec, anonymizer, cache, workers=workers) if val_items else None
     by_digest = {file_digest(i.path): unit_of[i.path] for i in items}
     val_units = sorted({by_digest[d] for d in val.sources}) if val is not None else []
     return SiteData(classes, train, privacy_units(train, node.privacy_unit, by_digest), val, val_units)

@@ -651,6 +651,7 @@ class FaceAnonymizer:
         """Load the detectors once. Fails closed: raises FaceModelError when a model is
         missing, corrupt or does not load. `detector` replaces the BlazeFace pyramid (tests)."""
         self.settings = settings or AnonymizerSettings()
+        self.rebuildable = detector is None  # another process gets the same output from the settings
         self.detector = detector if detector is not None else PyramidFaceDetector(self.settings)
 
     def close(self) -> None:

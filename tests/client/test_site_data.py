@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -9,8 +12,11 @@ import numpy as np
 import pytest
 
 from client.dataset import ClipSpec, DataError, load_clips, partition_items, scan_video_folder, split_items, video_clips
+from client.node_config import NodeConfig
 from client.synth import CLASSES, write_synthetic_dataset, write_video
 from client.video import VideoError, read_frames
+from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
+from privacy.face_models import FaceModelError, provision_face_models
 
 
 class IdentityAnonymizer:
@@ -161,3 +167,81 @@ def test_privacy_units_are_named_by_content_and_stay_put_when_videos_are_added()
     assert set(before.ids) <= set(after.ids)
     videos = privacy_units(clips(["a", "b", "b"]), "video", {"a": "a", "b": "b"})
     assert videos.ids == ["a", "b"] and videos.members == [[0], [1, 2]]
+
+
+class CountingFaceAnonymizer(FaceAnonymizer):
+    """The real anonymizer, counting the videos it anonymizes in this process."""
+
+    calls = 0
+
+    def anonymize_frames(self, frames):
+        self.calls += 1
+        return super().anonymize_frames(frames)
+
+
+def face_anonymizer(model_dir: Path | None = None) -> CountingFaceAnonymizer:
+    return CountingFaceAnonymizer(AnonymizerSettings(model_dir=model_dir or provision_face_models()["short_range"].parent))
+
+
+def test_worker_processes_anonymize_a_site_s_videos_as_one_process_does(tmp_path, dataset):
+    _, items = scan_video_folder(dataset)
+    alone, shared = face_anonymizer(), face_anonymizer()
+    one = load_clips(items, ClipSpec(8, 2, 24), alone, tmp_path / "one", workers=1)
+    many = load_clips(items, ClipSpec(8, 2, 24), shared, tmp_path / "many", workers=2)
+    assert alone.calls == len(items) and shared.calls == 0  # the workers did it all
+    assert one.faces_blurred > 0 and many.faces_blurred == one.faces_blurred
+    assert np.array_equal(many.clips, one.clips) and np.array_equal(many.labels, one.labels)
+    assert many.sources == one.sources
+
+
+def test_a_corrupt_video_among_worker_processes_is_reported_and_skipped(tmp_path, dataset, caplog):
+    _, items = scan_video_folder(dataset)
+    bad = tmp_path / CLASSES[0]
+    bad.mkdir()
+    (bad / "broken.mp4").write_bytes(b"\x00" * 2048)
+    _, with_bad = scan_video_folder(tmp_path, CLASSES)
+    clips = load_clips(items[:3] + with_bad, ClipSpec(8, 2, 24), face_anonymizer(), tmp_path / "cache", workers=2)
+    assert clips.skipped == ["broken.mp4"] and "broken.mp4" in caplog.text
+    assert len(clips) == 6
+
+
+def test_a_worker_whose_face_model_does_not_load_stops_the_loading(tmp_path, dataset):
+    _, items = scan_video_folder(dataset)
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in provision_face_models().values():
+        shutil.copy(path, models / path.name)
+    anonymizer = face_anonymizer(models)
+    (models / "face_detection_short_range.tflite").write_bytes(b"not a model")  # after the site loaded it
+    with pytest.raises(FaceModelError, match="face_detection_short_range.tflite"):
+        load_clips(items[:4], ClipSpec(8, 2, 24), anonymizer, tmp_path / "cache", workers=2)
+    assert anonymizer.calls == 0 and not list((tmp_path / "cache").rglob("*.npz"))
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+from client.dataset import ClipSpec, load_clips, scan_video_folder
+from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
+_, items = scan_video_folder(Path(sys.argv[1]))
+anonymizer = FaceAnonymizer(AnonymizerSettings(model_dir=Path(sys.argv[2])))
+print("clips", len(load_clips(items[:3], ClipSpec(8, 2, 24), anonymizer, Path(sys.argv[3]), workers=2)))
+"""
+
+
+def test_a_script_whose_workers_cannot_start_anonymizes_in_its_own_process(tmp_path, dataset):
+    # Without `if __name__ == "__main__":` every spawned worker runs the script again and dies.
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    models = provision_face_models()["short_range"].parent
+    done = subprocess.run([sys.executable, str(script), str(dataset), str(models), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "clips 6" in done.stdout and "going on in this one" in done.stderr
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 3
+
+
+def test_anonymize_workers_is_a_count_of_processes():
+    assert NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-workers": 3}).anonymize_workers == 3
+    with pytest.raises(ValueError, match="anonymize-workers = -1"):
+        NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-workers": -1})

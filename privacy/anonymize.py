@@ -59,7 +59,7 @@ from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verifie
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 17
+ALGORITHM_VERSION = 18
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -874,7 +874,8 @@ class VideoStream:
         ahead = [(p.index, p.boxes) for p in self._pending if p.index - current.index <= 2 * hold]
         found, future = current.settled
         latest = _latest_boxes(reached)
-        held = (_held_boxes(current.index, found, past, future, current.frame.shape, hold)
+        velocities = _velocities(current.index, found, past)
+        held = (_held_boxes(current.index, (found, velocities), past, future, current.frame.shape, hold)
                 + _bridged(current.index, latest, ahead, current.frame.shape, hold)
                 + _carried_back(current.index, latest, ahead, hold))
         boxes = list(dict.fromkeys(found + current.boxes + held))
@@ -882,7 +883,7 @@ class VideoStream:
         with_heads = current.heads is not None and bool(current.heads.any())
         if with_heads:
             hide_mask(out, current.heads)
-        self._recent.append((current.index, found, _velocities(current.index, found, past)))
+        self._recent.append((current.index, found, velocities))
         while self._recent and current.index - self._recent[0][0] >= 2 * hold:
             self._recent.popleft()
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
@@ -904,7 +905,7 @@ class AnonymizedFrame:
     hidden: list[Box]
 
 
-def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box], dict]],
+def _held_boxes(index: int, here: tuple[list[Box], dict], past: list[tuple[int, list[Box], dict]],
                 future: list[tuple[int, list[Box]]], shape: tuple[int, ...], hold: int) -> list[Box]:
     """Boxes carried over `index` from neighbouring frames. A past box whose nearest match
     ahead (what can be the same face, given the frames between) has it as its own nearest
@@ -924,24 +925,28 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
     it reaches at the lowest speed, and a box ahead that no box behind is tracked to, from its
     nearest box behind. None of this doubt is needed for a face whose next box, on this
     frame or ahead, lies where its speed takes it (`_predicted_track`): it is interpolated
-    to that box alone. Only the latest box of a face looks ahead: one found again since is
+    to that box alone, and a box ahead that a face found on this frame reaches at its speed
+    is not held either. Only the latest box of a face looks ahead: one found again since is
     neither held where it was nor paired. Duplicates are dropped: a static face gives the
-    same box each frame."""
+    same box each frame. `here`: the boxes found on this frame and their speeds."""
     past = _latest_boxes(past)
     past_boxes = [(i, a) for i, before, _ in past for a in before]
     held: set[Box] = set()
     tracked: set[Box] = set()  # future boxes whose face is carried without doubt
     paired: set[Box] = set()  # future boxes some box behind is tracked to, doubt or not
+    current, speeds_here = here
     heading = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in past for a in before]
-    here_and_ahead = [(index, current)] + future
+    found_here = set()  # boxes behind whose face is found on this frame where its speed took it
     for i, before, velocities in past:
         for a in before:
-            sure = _predicted_track(i, a, velocities.get(a), here_and_ahead, heading)
+            sure = _predicted_track(i, a, velocities.get(a), [(index, current)] + future, heading)
             if sure is not None:
                 j, b = sure
                 held.add(_interpolate(a, b, (index - i) / (j - i), shape))
                 paired.add(b)
                 tracked.add(b)
+                if j == index:
+                    found_here.add(a)
                 continue
             matches = [(j, b) for j, after in future for b in after if _same_face(a, b, j - i)]
             if matches:
@@ -965,6 +970,14 @@ def _held_boxes(index: int, current: list[Box], past: list[tuple[int, list[Box],
             for kept in {a, _moved(a, velocities.get(a, (0.0, 0.0)), index - i)}:
                 if not any(_overlaps(kept, c, 0.3) for c in current):
                     held.add(kept)
+    # Nor do the boxes ahead that a face found on this frame reaches at its speed.
+    onward = [(i, a, v) for i, a, v in heading if a not in found_here]
+    onward += [(index, c, _plausible(speeds_here.get(c))) for c in current]
+    for c in current:
+        sure = _predicted_track(index, c, speeds_here.get(c), future, onward)
+        if sure is not None:
+            paired.add(sure[1])
+            tracked.add(sure[1])
     for j, after in future:
         for b in after:
             behind = None if b in paired else _nearest_behind(past_boxes, j, b)

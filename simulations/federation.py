@@ -112,23 +112,31 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def prepare_data(config: RunConfig, sites: int) -> None:
-    """Check the dataset and fill the clip cache with a progress bar, before Flower starts.
+def prepare_data(config: RunConfig, sites: int, site_config: dict | None = None) -> None:
+    """Check the dataset and fill the clip caches with a progress bar, before Flower starts:
+    the sites' videos as every simulated site anonymizes them (`site_config`, its node
+    config: `anonymize-mode`, `anonymize-workers`, `cache-dir`), the test videos as the
+    coordinator does.
 
     Sites then read anonymized clips from the cache instead of decoding in silence, and a
     bad dataset or a missing face model is reported before any process is started.
     """
     from client.dataset import DataError
+    from client.node_config import NodeConfig
     from client.site import cache_dir, clip_spec, federation_split, load_task_clips, site_anonymizer
 
     classes, shared, test = federation_split(config)
     if len(shared) < sites:
         raise DataError(f"{len(shared)} videos cannot be shared among {sites} sites")
+    node = NodeConfig.from_mapping({**(site_config or {}), "partition-id": 0, "num-partitions": sites})
     started = time.perf_counter()
-    clips = load_task_clips(config, shared + test, clip_spec(config), site_anonymizer(), cache_dir(), progress=True)
+    sets = [load_task_clips(config, shared, clip_spec(config), site_anonymizer(node.anonymize_mode),
+                            cache_dir(node), progress=True, workers=node.anonymize_workers)]
+    if test:
+        sets.append(load_task_clips(config, test, clip_spec(config), site_anonymizer(), cache_dir(), progress=True))
     print(
-        f"data: {len(classes)} classes, {len(shared) + len(test)} videos -> {len(clips)} clips "
-        f"({len(clips.skipped)} skipped), {clips.faces_blurred} faces blurred, "
+        f"data: {len(classes)} classes, {len(shared) + len(test)} videos -> {sum(map(len, sets))} clips "
+        f"({sum(len(s.skipped) for s in sets)} skipped), {sum(s.faces_blurred for s in sets)} faces blurred, "
         f"{time.perf_counter() - started:.1f} s"
     )
 
@@ -145,7 +153,7 @@ def simulate(sites: int, overrides: str = "", out: Path | None = None, cpus_per_
         raise ValueError(f"--sites {sites} is below min-sites = {config.min_sites}")
     if not config.data_dir:
         builtin_data_dir(progress=True, task=config.task)
-    prepare_data(config, sites)
+    prepare_data(config, sites, site_config)
     run_dir = Path(config.run_dir or fedvid_home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     if (run_dir / "status.json").exists() and not config.resume:
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out, or resume=true to continue it")

@@ -260,9 +260,14 @@ def load_clips(
 MAX_DEFAULT_WORKERS = 8  # each worker holds its own detector (~0.3 GB at 720p) and a video's frames
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def anonymize_workers(requested: int = 0) -> int:
-    """Processes that anonymize videos: `requested`, or with 0 one per core, at most 8."""
-    return requested or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
+    """Processes that anonymize videos: `requested`, or with 0 one per usable core, at most 8."""
+    return requested or min(usable_cores(), MAX_DEFAULT_WORKERS)
 
 
 def fill_cache(items: Sequence[VideoItem], spec: ClipSpec, anonymizer: FrameAnonymizer,
@@ -283,7 +288,7 @@ def fill_cache(items: Sequence[VideoItem], spec: ClipSpec, anonymizer: FrameAnon
         return
     workers = min(workers, len(todo))
     # LiteRT's threads shared among the workers: speed only, never the output.
-    settings = dataclasses.replace(settings, threads=settings.threads or max(1, (os.cpu_count() or 1) // workers))
+    settings = dataclasses.replace(settings, threads=settings.threads or max(1, usable_cores() // workers))
     # Spawned, not forked: a forked child would inherit the parent's threads' locks.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_cache_one, path, spec, settings, cache_dir) for path in todo]

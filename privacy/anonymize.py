@@ -937,9 +937,10 @@ def _held_boxes(index: int, here: tuple[list[Box], dict], past: list[tuple[int, 
     current, speeds_here = here
     heading = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in past for a in before]
     found_here = set()  # boxes behind whose face is found on this frame where its speed took it
+    here_and_ahead = [(index, current)] + future
     for i, before, velocities in past:
         for a in before:
-            sure = _predicted_track(i, a, velocities.get(a), [(index, current)] + future, heading)
+            sure = _predicted_track(i, a, velocities.get(a), here_and_ahead, heading)
             if sure is not None:
                 j, b = sure
                 held.add(_interpolate(a, b, (index - i) / (j - i), shape))
@@ -1009,9 +1010,17 @@ def _predicted_track(i: int, a: Box, velocity: tuple[float, float] | None,
     miss = _distance(_moved(a, velocity, j - i), b)
     if b.score < LOST_FACE_SCORE or miss > PREDICTED_WITHIN * max(a.w, a.h, b.w, b.h):
         return None
-    others = (_distance(_moved(p, v, j - k), b) for k, p, v in heading
-              if p is not a and _same_face(p, b, j - k))
-    return match if all(miss < other for other in others) else None
+    return match if _nearest_at_speed(heading, j, b) == (i, a) else None
+
+
+def _nearest_at_speed(heading: list[tuple[int, Box, tuple[float, float]]], j: int,
+                      b: Box) -> tuple[int, Box] | None:
+    """(frame, box) of the box behind (`heading`: frame, box and speed each) that can be the
+    same face as `b` on frame `j` and that its speed takes nearest `b`."""
+    candidates = [(i, a, v) for i, a, v in heading if _same_face(a, b, j - i)]
+    i, a, _ = min(candidates, key=lambda c: _distance(_moved(c[1], c[2], j - c[0]), b),
+                  default=(None, None, None))
+    return None if a is None else (i, a)
 
 
 def _bridged(index: int, latest: list[tuple[int, list[Box], dict]],
@@ -1026,13 +1035,6 @@ def _bridged(index: int, latest: list[tuple[int, list[Box], dict]],
     frames behind, each face's latest box only (`_latest_boxes`)."""
     behind = [(i, a, _plausible(velocities.get(a))) for i, before, velocities in latest
               for a in before if a.score >= LOST_FACE_SCORE]
-
-    def nearest_behind(j: int, b: Box) -> tuple[int, Box] | None:
-        candidates = [(i, a, v) for i, a, v in behind if _same_face(a, b, j - i)]
-        i, a, _ = min(candidates, key=lambda c: _distance(_moved(c[1], c[2], j - c[0]), b),
-                      default=(None, None, None))
-        return None if a is None else (i, a)
-
     bridged = []
     for i, a, velocity in behind:
         match = _first_match(i, a, future, velocity)
@@ -1040,7 +1042,7 @@ def _bridged(index: int, latest: list[tuple[int, list[Box], dict]],
             continue
         j, b = match
         if (b.score >= LOST_FACE_SCORE and j - i <= 2 * hold and max(index - i, j - index) > hold
-                and nearest_behind(j, b) == (i, a)):
+                and _nearest_at_speed(behind, j, b) == (i, a)):
             bridged.append(_interpolate(a, b, (index - i) / (j - i), shape))
     return bridged
 

@@ -38,13 +38,9 @@ error propagates: no frame is ever returned unblurred because detection failed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +50,12 @@ import cv2
 import numpy as np
 
 from privacy.anonymize_heads import HeadFinder, HeadSettings, hide_mask, median_background
-from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace
-from privacy.face_models import FaceModelError, SETUP_HINT, sha256_file, verified_face_models
+from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace, FullRangeBlazeFace
+from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 18
+ALGORITHM_VERSION = 19
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -136,11 +132,12 @@ class AnonymizerSettings:
         window is not smaller than the frame are skipped: small training frames get the
         whole-frame passes only. The recall and frames/s of other schedules:
         `bench_anonymize`, curve.
-    full_range_every: in a video, MediaPipe's full-range pass runs on every how many frames
-        (the last of each run of them), where the largest level runs too; on frames no level
-        is smaller than, every frame. It finds the sizes the 512 px level finds (every face
-        of the benchmark's videos is covered without it), and took 8 of 55 ms per 720p frame:
-        with 2, on the frames the 512 px level skips, 19.0 -> 21.2 frames/s.
+    full_range_every: in a video, the full-range pass runs on every how many frames (the
+        last of each run of them), where the largest level runs too; on frames no level is
+        smaller than, every frame. It finds the sizes the 512 px level finds (every face of
+        the benchmark's videos is covered without it), and took 8 of 55 ms per 720p frame
+        in MediaPipe's graph: with 2, on the frames the 512 px level skips, 19.0 -> 21.2
+        frames/s. In LiteRT it takes 2.2 ms a frame (MediaPipe's graph 4.8-5.3 ms now).
     image_window_sizes / image_window_confidence: further, finer levels run on single
         images only, whose boxes need image_window_confidence: 64 px windows find every
         14 px face of the benchmark's 1280x720 stills (the 96 px level alone 79%); in a
@@ -252,52 +249,6 @@ class FaceDetectorLike(Protocol):
 # ---------------------------------------------------------------------------- detection
 
 
-@contextlib.contextmanager
-def _captured_native_stderr() -> Iterator[list[str]]:
-    """Capture what native code writes to fd 2 (TFLite prints dozens of harmless lines per
-    model load); the text is handed back so errors can still show it."""
-    captured: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode(errors="replace"))
-
-
-def _load_blazeface(path: Path, min_confidence: float):
-    from mediapipe.tasks.python import BaseOptions, vision
-
-    options = vision.FaceDetectorOptions(
-        base_options=BaseOptions(model_asset_path=str(path)),
-        min_detection_confidence=min_confidence)
-    with _captured_native_stderr() as log:
-        try:
-            detector = vision.FaceDetector.create_from_options(options)
-        except Exception as exc:  # MediaPipe raises ValueError/RuntimeError
-            error = exc
-        else:
-            error = None
-    if error is not None:
-        tail = " ".join(log[0].split()[-30:]) if log and log[0].strip() else ""
-        raise FaceModelError(f"face model {path} does not load in MediaPipe ({error}); "
-                             f"{SETUP_HINT}. {tail}".rstrip()) from error
-    return detector
-
-
-def _close_quietly(model) -> None:
-    """Close a MediaPipe task; at interpreter exit MediaPipe's executor may already be
-    shut down, then drop the handle so its __del__ does not raise during teardown."""
-    try:
-        model.close()
-    except RuntimeError:
-        model._handle = None
-
-
 def is_face(box: Box, frame_area: int, settings: AnonymizerSettings) -> bool:
     """The confidence and size policy: wide enough, and scored high enough for its size."""
     if box.w < settings.min_face_px:
@@ -327,9 +278,9 @@ def _overlaps(box: Box, other: Box, iou_threshold: float) -> bool:
 
 
 class PyramidFaceDetector:
-    """BlazeFace over a pyramid of each frame: the whole frame with MediaPipe's full-range
-    detector and with the short-range network, then the short-range network run densely
-    (`DenseBlazeFace`) over the frame scaled by 128 / size for each window size."""
+    """BlazeFace over a pyramid of each frame: the whole frame with the full-range network
+    (`FullRangeBlazeFace`) and with the short-range one, then the short-range network run
+    densely (`DenseBlazeFace`) over the frame scaled by 128 / size for each window size."""
 
     def __init__(self, settings: AnonymizerSettings):
         """Load the models once; raises FaceModelError if one is missing or unloadable."""
@@ -339,13 +290,7 @@ class PyramidFaceDetector:
         self.model_sha256 = {key: sha256_file(path) for key, path in paths.items()}
         self._threshold = min(settings.min_confidence, settings.small_face_confidence)
         self.short_range = DenseBlazeFace(paths["short_range"], threads=settings.threads)
-        self.full_range = _load_blazeface(paths["full_range"], self._threshold)
-        # Close at interpreter exit while MediaPipe still works (its __del__ fails later).
-        self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
-
-    def close(self) -> None:
-        """Release the MediaPipe task."""
-        self._finalizer()
+        self.full_range = FullRangeBlazeFace(paths["full_range"], threads=settings.threads)
 
     def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
                memory: "PassMemory | None" = None, full_range: bool = True) -> list[Box]:
@@ -378,7 +323,7 @@ class PyramidFaceDetector:
         if model == "whole":
             found = self._scan(rgb, max(height, width), 0, height)
         else:
-            found = _mediapipe_boxes(self.full_range, rgb)
+            found = _boxes(self.full_range.detect(rgb, self._threshold), 0, 0, rgb.shape)
         if memory is not None:
             memory.update(model, 0, height, found)
         return found
@@ -420,16 +365,6 @@ def _runs(stale: np.ndarray) -> list[tuple[int, int]]:
             runs.append((start, index - 1))
             start = None
     return runs
-
-
-def _mediapipe_boxes(model, rgb: np.ndarray) -> list[Box]:
-    import mediapipe as mp
-
-    image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-    rows = [(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
-             d.bounding_box.height, d.categories[0].score)
-            for d in model.detect(image).detections]
-    return _boxes(np.array(rows, np.float32).reshape(-1, 5), 0, 0, rgb.shape)
 
 
 def _boxes(rows: np.ndarray, x0: int, y0: int, shape: tuple[int, ...]) -> list[Box]:

@@ -14,6 +14,13 @@ the one MediaPipe runs it in) with the input resized to each scan's size. Decodi
 MediaPipe's face-detection graph for this model: sigmoid scores, box centre = anchor centre
 + offset, width and height in input pixels, then a score-weighted non-maximum suppression at
 IoU 0.3. The tests hold it to MediaPipe's own detections on the same windows.
+
+`FullRangeBlazeFace` runs the full-range model the same way. Its input is fixed at 192 px,
+so a frame is letterboxed into it as MediaPipe's face detector does (scaled by an affine
+warp that maps pixel corners, not centres, centred, black around; a plain resize moved
+its boxes by up to 3%) and its boxes are mapped back: the same detections as MediaPipe's,
+in half the time (2.2 against 4.5 ms a frame, most of it MediaPipe's graph around the
+network).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ GRID = 16                 # the coarsest anchor stride: inputs are padded to a m
 NMS_IOU = 0.3             # MediaPipe's min_suppression_threshold for face detection
 _SCORE_CLIP = 100.0       # MediaPipe's score_clipping_thresh
 _STRIDES = ((8, 2), (16, 6))  # (anchor stride, anchors per cell) of the short-range model
+FULL_RANGE_SIZE = 192     # the full-range model's fixed input
+_FULL_RANGE_STRIDES = ((4, 1),)
 # Interpreters are kept per input width (a pyramid level of a video: its bands change only
 # the height), at most _SHAPES_PER_WIDTH input shapes each: a third shape replans the least
 # recently used one (10-100 ms), where an interpreter for every shape took 0.1-1 s to make
@@ -48,7 +57,7 @@ class DenseBlazeFace:
         """Load the model; raises FaceModelError naming the file if it does not load or is
         not BlazeFace short-range. `threads`: LiteRT's threads (0: one per core)."""
         self.path = Path(path)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cores()
         self._interpreters: OrderedDict[int, list[tuple[object, tuple[int, int]]]] = OrderedDict()
         try:
             probe = self.run(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
@@ -73,19 +82,7 @@ class DenseBlazeFace:
         """The raw outputs (classificators (A, 1), regressors (A, 16)) for one RGB uint8
         image, padded with black to multiples of 16 px. They are views of LiteRT's output
         buffers, valid until the next call (copying them cost more than the decoding)."""
-        height, width = rgb.shape[:2]
-        interpreter = self._interpreter(_padded((height, width)))
-        index = interpreter.get_input_details()[0]["index"]
-        buffer = interpreter.tensor(index)()[0]
-        view = buffer[:height, :width]
-        written = cv2.LUT(rgb, _TO_INPUT, dst=view)  # uint8 -> [-1, 1] in place, one pass
-        if written is not view:  # OpenCV allocated instead of writing into the buffer
-            view[...] = written
-        buffer[height:], buffer[:height, width:] = _TO_INPUT[0], _TO_INPUT[0]  # black
-        del buffer, view, written  # LiteRT refuses to run while its buffers are referenced
-        interpreter.invoke()
-        outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-        return interpreter.tensor(outputs["classificators"])()[0], interpreter.tensor(outputs["regressors"])()[0]
+        return _invoke(self._interpreter(_padded(rgb.shape[:2])), rgb)
 
     def _interpreter(self, shape: tuple[int, int]):
         """An interpreter planned for `shape`: one kept for it, or a new one while the
@@ -111,13 +108,75 @@ class DenseBlazeFace:
         return interpreter
 
 
+class FullRangeBlazeFace:
+    """BlazeFace full-range in LiteRT, letterboxed as MediaPipe does; see the module docstring."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        """Load the model; raises FaceModelError naming the file if it does not load or is
+        not BlazeFace full-range. `threads`: LiteRT's threads (0: one per core)."""
+        self.path = Path(path)
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interpreter = Interpreter(model_path=str(path), num_threads=threads or usable_cores())
+            self._interpreter.allocate_tensors()
+            shape = tuple(self._interpreter.get_input_details()[0]["shape"])
+            outputs = sorted(tuple(d["shape"]) for d in self._interpreter.get_output_details())
+        except Exception as exc:  # LiteRT raises ValueError/RuntimeError on a bad file
+            raise FaceModelError(f"face model {path} does not load in LiteRT ({exc}); "
+                                 f"{SETUP_HINT}") from exc
+        if shape != (1, FULL_RANGE_SIZE, FULL_RANGE_SIZE, 3) or outputs != [(1, 2304, 1), (1, 2304, 16)]:
+            raise FaceModelError(f"face model {path} is not BlazeFace full-range (input {shape}, "
+                                 f"outputs {outputs}); {SETUP_HINT}")
+
+    def detect(self, rgb: np.ndarray, threshold: float) -> np.ndarray:
+        """Faces in a whole RGB uint8 image: rows of (x, y, w, h, score) in its pixels."""
+        height, width = rgb.shape[:2]
+        side = max(height, width)
+        scale = FULL_RANGE_SIZE / side
+        left, top = (side - width) / 2 * scale, (side - height) / 2 * scale
+        square = cv2.warpAffine(rgb, np.float32([[scale, 0, left], [0, scale, top]]),
+                                (FULL_RANGE_SIZE, FULL_RANGE_SIZE), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        scores, boxes = _invoke(self._interpreter, square)
+        found = weighted_nms(_decode(scores[:, 0], boxes, square.shape[:2], threshold,
+                                     _FULL_RANGE_STRIDES), NMS_IOU)
+        found[:, :2] -= (left, top)
+        found[:, :4] /= scale
+        return found
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _invoke(interpreter, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run a BlazeFace interpreter planned for `rgb` padded to its input: the outputs
+    (scores (A, 1), box and keypoint offsets (A, 16)) as views of LiteRT's buffers."""
+    height, width = rgb.shape[:2]
+    buffer = interpreter.tensor(interpreter.get_input_details()[0]["index"])()[0]
+    view = buffer[:height, :width]
+    written = cv2.LUT(rgb, _TO_INPUT, dst=view)  # uint8 -> [-1, 1] in place, one pass
+    if written is not view:  # OpenCV allocated instead of writing into the buffer
+        view[...] = written
+    buffer[height:], buffer[:height, width:] = _TO_INPUT[0], _TO_INPUT[0]  # black
+    del buffer, view, written  # LiteRT refuses to run while its buffers are referenced
+    interpreter.invoke()
+    # The short-range file names its outputs; the full-range one does not, but has the
+    # same two, scores the narrower.
+    scores, boxes = sorted((interpreter.tensor(d["index"])()[0] for d in interpreter.get_output_details()),
+                           key=lambda output: output.shape[1])
+    return scores, boxes
+
+
 def _padded(shape: tuple[int, int]) -> tuple[int, int]:
     """An image shape rounded up to multiples of GRID."""
     return tuple(-(-side // GRID) * GRID for side in shape)
 
 
 def _decode(scores: np.ndarray, boxes: np.ndarray, shape: tuple[int, int],
-            threshold: float) -> np.ndarray:
+            threshold: float, strides=_STRIDES) -> np.ndarray:
     """Rows of (x, y, w, h, score) in input pixels from the flat anchor outputs (in the
     order of `_anchor_centres`)."""
     # score = sigmoid(logit) >= threshold, compared in logit space: only the few anchors
@@ -125,7 +184,7 @@ def _decode(scores: np.ndarray, boxes: np.ndarray, shape: tuple[int, int],
     picked = np.nonzero(scores >= np.log(threshold / (1.0 - threshold)))[0]
     if picked.size == 0:
         return np.zeros((0, 5), np.float32)
-    centres = _anchor_centres(*shape)
+    centres = _anchor_centres(*shape, strides)
     if len(centres) != len(scores):
         raise FaceModelError(f"unexpected BlazeFace output: {len(scores)} anchors for an "
                              f"input of {shape[0]}x{shape[1]}")
@@ -138,11 +197,12 @@ def _decode(scores: np.ndarray, boxes: np.ndarray, shape: tuple[int, int],
 
 
 @lru_cache(maxsize=16)
-def _anchor_centres(height: int, width: int) -> np.ndarray:
-    """(x, y) of every anchor of an input of height x width: those of the 8 px grid
-    (row-major, 2 per cell), then those of the 16 px grid (6 per cell)."""
+def _anchor_centres(height: int, width: int, strides=_STRIDES) -> np.ndarray:
+    """(x, y) of every anchor of an input of height x width, grid by grid of `strides`
+    ((stride, anchors per cell), each grid row-major): for the short-range model those of
+    the 8 px grid (2 per cell), then those of the 16 px grid (6 per cell)."""
     centres = []
-    for stride, per_cell in _STRIDES:
+    for stride, per_cell in strides:
         rows, cols = height // stride, width // stride
         index = np.arange(rows * cols * per_cell) // per_cell
         centres.append(np.stack([(index % cols + 0.5) * stride, (index // cols + 0.5) * stride], 1))

@@ -368,34 +368,59 @@ def changed_outside(original: np.ndarray, output: np.ndarray, boxes) -> float:
     return float(np.any(original != output, axis=2)[outside].mean())
 
 
+def mediapipe_face_detector(path: Path, min_confidence: float):
+    """MediaPipe's own face detector (its Tasks API) on a BlazeFace model file: the reference
+    that fedvid's LiteRT runs of the same models are held to, and a re-detector here."""
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    options = vision.FaceDetectorOptions(base_options=BaseOptions(model_asset_path=str(path)),
+                                         min_detection_confidence=min_confidence)
+    return vision.FaceDetector.create_from_options(options)
+
+
+def mediapipe_rows(detector, rgb: np.ndarray) -> np.ndarray:
+    """MediaPipe's detections on an RGB uint8 image as rows of (x, y, w, h, score)."""
+    import mediapipe as mp
+
+    found = detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                     data=np.ascontiguousarray(rgb))).detections
+    return np.array([(d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.width,
+                      d.bounding_box.height, d.categories[0].score) for d in found],
+                    np.float32).reshape(-1, 5)
+
+
+def close_quietly(detector) -> None:
+    """Close a MediaPipe task; at interpreter exit MediaPipe's executor may already be
+    shut down, then drop the handle so its __del__ does not raise during teardown."""
+    try:
+        detector.close()
+    except RuntimeError:
+        detector._handle = None
+
+
 class Redetector:
     """Detectors independent of fedvid's pyramid, each given a crop around a known face
-    scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range (scored),
-    and OpenCV's Haar cascade for frontal faces (found or not: it has no score), a detector
-    of another kind, which fires on texture where the networks fire on shape."""
+    scaled so that the face is ~40 px wide: CenterFace and BlazeFace full-range in MediaPipe
+    (scored), and OpenCV's Haar cascade for frontal faces (found or not: it has no score), a
+    detector of another kind, which fires on texture where the networks fire on shape."""
 
     def __init__(self, models: dict[str, Path]):
-        from privacy.anonymize import _close_quietly, _load_blazeface
         from privacy.anonymize_centerface import CenterFaceDetector
 
         self.centerface = CenterFaceDetector(models["centerface"])
-        self.full_range = _load_blazeface(models["full_range"], 0.1)
+        self.full_range = mediapipe_face_detector(models["full_range"], 0.1)
         self.haar = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
         # Closed while MediaPipe still works (its __del__ fails at interpreter exit).
-        self._finalizer = weakref.finalize(self, _close_quietly, self.full_range)
+        self._finalizer = weakref.finalize(self, close_quietly, self.full_range)
 
     def scores(self, image: np.ndarray, box) -> tuple[float, float]:
         """(CenterFace, BlazeFace full-range) best score of a detection centred on the face."""
-        import mediapipe as mp
-
         crop, near = _face_crop(image, box)
         rgb = np.ascontiguousarray(crop[..., ::-1])
         cf = max((float(s) for bx, by, bw, bh, s in self.centerface.detect(rgb, 0.1)
                   if near(bx, by, bw, bh)), default=0.0)
-        found = self.full_range.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
-        bf = max((d.categories[0].score for d in found.detections
-                  if near(d.bounding_box.origin_x, d.bounding_box.origin_y,
-                          d.bounding_box.width, d.bounding_box.height)), default=0.0)
+        bf = max((float(s) for bx, by, bw, bh, s in mediapipe_rows(self.full_range, rgb)
+                  if near(bx, by, bw, bh)), default=0.0)
         return cf, bf
 
     def haar_finds(self, image: np.ndarray, box) -> bool:

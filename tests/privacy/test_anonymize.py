@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -269,6 +271,24 @@ def test_a_detector_error_propagates_out_of_anonymize_frames(anon_settings, real
     anonymizer = FaceAnonymizer(anon_settings, detector=BrokenDetector(fail_on=2))
     with pytest.raises(RuntimeError, match="detector crashed"):
         anonymizer.anonymize_frames(clip)
+
+
+def test_a_site_anonymizes_without_mediapipes_native_library(face_models):
+    # Both BlazeFace models run in LiteRT: a site needs neither MediaPipe's library nor the
+    # GL libraries it links (libEGL, libGLESv2), which headless GPU images often lack.
+    script = (
+        "import sys, numpy as np\n"
+        "from privacy.anonymize import AnonymizerSettings, FaceAnonymizer\n"
+        "from simulations.bench_anonymize import face_sources, paste_face\n"
+        "frame = np.full((720, 1280, 3), 90, np.uint8)\n"
+        "paste_face(frame, face_sources()[0], 300, 0, (640, 360))\n"
+        f"anonymizer = FaceAnonymizer(AnonymizerSettings(model_dir={str(face_models['full_range'].parent)!r}))\n"
+        "_, boxes = anonymizer.anonymize_image(frame)\n"
+        "print(len(boxes), 'mediapipe' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found, imported = done.stdout.split()[-2:]
+    assert int(found) >= 1 and imported == "False"
 
 
 def test_missing_model_fails_construction(tmp_path, face_models):

@@ -141,11 +141,11 @@ def test_threads_change_speed_not_output(anon_settings, real_faces):
 @pytest.mark.parametrize("size,most", [((1280, 720), 3), ((64, 64), None)])
 def test_the_full_range_pass_runs_every_other_frame_where_the_pyramid_runs(
         anon_settings, monkeypatch, size, most):
-    import privacy.anonymize as anonymize
+    from privacy.blazeface_dense import FullRangeBlazeFace
 
     calls = []
-    real = anonymize._mediapipe_boxes
-    monkeypatch.setattr(anonymize, "_mediapipe_boxes", lambda *a: calls.append(1) or real(*a))
+    real = FullRangeBlazeFace.detect
+    monkeypatch.setattr(FullRangeBlazeFace, "detect", lambda *a: calls.append(1) or real(*a))
     # Every block changes between frames (10 levels brighter each), none at once (no cut).
     picture = np.random.default_rng(0).integers(0, 180, (size[1], size[0], 3), np.uint8)
     frames = [picture + np.uint8(10 * i) for i in range(6)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -17,12 +18,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from client.video import VIDEO_SUFFIXES, VideoError, frames_to_clips, read_frames
+from client.video import VIDEO_SUFFIXES, VideoError, frames_to_clips, iter_frames, square_resize
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class DataError(ValueError):
 class FrameAnonymizer(Protocol):
     """What the pipeline needs from the face anonymizer (privacy.anonymize.FaceAnonymizer)."""
 
-    def anonymize_frames(self, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], object]: ...
+    def anonymize_frames(self, frames: Iterable[np.ndarray], keep: Callable | None = None,
+                         background: np.ndarray | None = None) -> tuple[list[np.ndarray], object]: ...
 
     def settings_key(self) -> str: ...
 
@@ -212,16 +214,28 @@ def video_clips(path: Path, spec: ClipSpec, anonymizer: FrameAnonymizer, cache_d
                 return cached["clips"], int(cached["faces"])
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable cache entry %s (%s)", target, exc)
-    frames = read_frames(path, spec.frame_stride)
-    anonymized, stats = anonymizer.anonymize_frames(frames)
-    faces = int(getattr(stats, "faces_blurred", 0))
-    clips = frames_to_clips(anonymized, spec.clip_frames, spec.frame_size)
+    clips, faces = _anonymized_clips(path, spec, anonymizer)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npz", delete=False) as tmp:
             np.savez(tmp, clips=clips, faces=faces)
         os.replace(tmp.name, target)
     return clips, faces
+
+
+def _anonymized_clips(path: Path, spec: ClipSpec, anonymizer: FrameAnonymizer) -> tuple[np.ndarray, int]:
+    """Decode, anonymize and shrink a video one frame at a time: only the anonymizer's
+    look-ahead is held at the video's own size, however long the video."""
+    frames = iter_frames(path, spec.frame_stride)
+    first = next(frames)  # a video without a decodable frame is refused here (VideoError)
+    background = None
+    if getattr(getattr(anonymizer, "settings", None), "heads", None) is not None:
+        from privacy.anonymize_video import video_background
+
+        background = video_background(path)
+    small, stats = anonymizer.anonymize_frames(itertools.chain([first], frames), background=background,
+                                               keep=lambda frame: square_resize(frame, spec.frame_size))
+    return frames_to_clips(small, spec.clip_frames, spec.frame_size), int(getattr(stats, "faces_blurred", 0))
 
 
 def load_clips(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -19,17 +20,23 @@ def read_frames(path: Path, stride: int = 1) -> list[np.ndarray]:
 
     Raises VideoError naming the file when it cannot be opened or holds no frame.
     """
+    return list(iter_frames(path, stride))
+
+
+def iter_frames(path: Path, stride: int = 1) -> Iterator[np.ndarray]:
+    """`read_frames` one frame at a time, decoded as it is asked for: a long video's frames
+    need not all be held at once. The VideoError comes when iteration starts or ends."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoError(f"{path}: cannot be opened as a video")
-    frames = []
-    index = 0
+    decoded, index = 0, 0
     try:
         while True:
             if index % stride == 0:
                 ok, frame = capture.read()
                 if ok:
-                    frames.append(frame)
+                    decoded += 1
+                    yield frame
             else:
                 ok = capture.grab()  # skips decoding into an image
             if not ok:
@@ -37,9 +44,8 @@ def read_frames(path: Path, stride: int = 1) -> list[np.ndarray]:
             index += 1
     finally:
         capture.release()
-    if not frames:
+    if not decoded:
         raise VideoError(f"{path}: no frame could be decoded (empty or corrupt video)")
-    return frames
 
 
 def square_resize(frame: np.ndarray, size: int) -> np.ndarray:

@@ -83,19 +83,22 @@ def predict_video(
     """
     import onnxruntime as ort
 
-    from client.video import frames_to_clips, read_frames
+    from client.video import frames_to_clips, iter_frames, square_resize
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     classes, clip_frames, stride, size = clip_geometry(dict(session.get_modelmeta().custom_metadata_map), onnx_path)
-    frames = read_frames(Path(video_path), stride)
+    frames = iter_frames(Path(video_path), stride)
+    shrink = lambda frame: square_resize(frame, size)  # a frame at a time: long videos fit
     anonymizer = _anonymizer_or_none(anonymize)
     if anonymizer is not None:
         with anonymizer:
-            frames, _ = anonymizer.anonymize_frames(frames)
-    clips = frames_to_clips(frames, clip_frames, size)  # (N, T, S, S, 3) RGB uint8
+            small, _ = anonymizer.anonymize_frames(frames, keep=shrink)
+    else:
+        small = [shrink(frame) for frame in frames]
+    clips = frames_to_clips(small, clip_frames, size)  # (N, T, S, S, 3) RGB uint8
     inputs = np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3), dtype=np.float32) / 255.0
     name = session.get_inputs()[0].name
     probs = softmax(np.concatenate([session.run(None, {name: inputs[i : i + 32]})[0] for i in range(0, len(inputs), 32)]))

@@ -44,7 +44,7 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -55,7 +55,7 @@ from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 19
+ALGORITHM_VERSION = 20
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -634,17 +634,26 @@ class FaceAnonymizer:
         heads = self.settings.heads
         return VideoStream(self, heads=HeadFinder(heads, background) if heads else None)
 
-    def anonymize_frames(
-            self, frames: Sequence[np.ndarray]) -> tuple[list[np.ndarray], AnonymizeStats]:
+    def anonymize_frames(self, frames: Iterable[np.ndarray], keep: Callable | None = None,
+                         background: np.ndarray | None = None) -> tuple[list, AnonymizeStats]:
         """Anonymize the BGR uint8 frames of one video, in order. Returns new arrays (the
-        input is not modified) and stats. Detector errors propagate."""
-        background = median_background(frames) if self.settings.heads and frames else None
+        input is not modified) and stats. Detector errors propagate.
+
+        `frames` may be a decoder: they are pulled as the stream needs them, so that with
+        `keep` (applied to each frame once it is anonymized; what is returned for it, e.g.
+        the frame shrunk for training) only the stream's look-ahead is held at full size.
+        `background`: the scene without people, for `faces+heads` (`video_background`);
+        without it the median of the frames, which must then all be held."""
+        if self.settings.heads and background is None:
+            frames = list(frames)
+            background = median_background(frames) if frames else None
+        keep = keep or (lambda frame: frame)
         stream = self.stream(background)
-        done: list[AnonymizedFrame] = []
+        done: list = []
         for frame in frames:
-            done += stream.push(frame)
-        done += stream.finish()
-        return [item.frame for item in done], stream.stats
+            done += [keep(item.frame) for item in stream.push(frame)]
+        done += [keep(item.frame) for item in stream.finish()]
+        return done, stream.stats
 
     def _passes_for(self, frame_index: int, shape: tuple[int, ...]) -> tuple[list[int], bool]:
         """The pyramid levels that run on a frame of a video, and whether the full-range pass

@@ -91,7 +91,7 @@ def _anonymize_video_file(anonymizer: FaceAnonymizer, src: Path, dst: Path,
         if not ok or first is None:
             raise VideoError(src, "video has no frames (or its first frame cannot be decoded)")
         previews: list[AnonymizedFrame] = []
-        background = _background_of(src) if anonymizer.settings.heads else None
+        background = video_background(src) if anonymizer.settings.heads else None
         stats = _write_atomically(dst, lambda tmp: _encode_video(
             anonymizer, capture, first, tmp, previews, progress, src.name, background))
     finally:
@@ -101,7 +101,7 @@ def _anonymize_video_file(anonymizer: FaceAnonymizer, src: Path, dst: Path,
     return stats
 
 
-def _background_of(src: Path, samples: int = 25) -> np.ndarray:
+def video_background(src: Path, samples: int = 25) -> np.ndarray:
     """The median of frames sampled over the whole video (a first decoding pass), from
     which the head finder starts: people are found from the first frame on."""
     capture = cv2.VideoCapture(str(src))

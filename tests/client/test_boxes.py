@@ -31,7 +31,7 @@ from client.video import read_frames
 class IdentityAnonymizer:
     """Stands in for the face anonymizer where faces are not the point."""
 
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         return list(frames), None
 
     def settings_key(self) -> str:

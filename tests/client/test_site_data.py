@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class IdentityAnonymizer:
     def __init__(self, key: str = "identity"):
         self.key, self.calls = key, 0
 
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         self.calls += 1
         return list(frames), None
 
@@ -34,7 +35,7 @@ class IdentityAnonymizer:
 
 
 class ExplodingAnonymizer(IdentityAnonymizer):
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         raise RuntimeError("face detector failed")
 
 
@@ -174,9 +175,9 @@ class CountingFaceAnonymizer(FaceAnonymizer):
 
     calls = 0
 
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         self.calls += 1
-        return super().anonymize_frames(frames)
+        return super().anonymize_frames(frames, **options)
 
 
 def face_anonymizer(model_dir: Path | None = None) -> CountingFaceAnonymizer:
@@ -220,6 +221,7 @@ def test_a_worker_whose_face_model_does_not_load_stops_the_loading(tmp_path, dat
 
 UNGUARDED_SCRIPT = """
 import sys
+import tracemalloc
 from pathlib import Path
 from client.dataset import ClipSpec, load_clips, scan_video_folder
 from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
@@ -245,3 +247,22 @@ def test_anonymize_workers_is_a_count_of_processes():
     assert NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-workers": 3}).anonymize_workers == 3
     with pytest.raises(ValueError, match="anonymize-workers = -1"):
         NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-workers": -1})
+
+
+def test_a_long_video_is_anonymized_without_holding_all_its_frames(tmp_path):
+    # 240 frames of 640x360 are 166 MB decoded; a site shrinks each frame to its clip size
+    # as soon as it is anonymized, so that only the stream's look-ahead is held at full size.
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 255, (360, 1280, 3), np.uint8)
+    path = tmp_path / "long.mp4"
+    write_video(path, [np.ascontiguousarray(texture[:, 2 * i:2 * i + 640]) for i in range(240)])
+    anonymizer = face_anonymizer()  # models loaded before measuring
+    frame_bytes = 640 * 360 * 3
+    tracemalloc.start()
+    try:
+        clips, _ = video_clips(path, ClipSpec(8, 1, 48), anonymizer, cache_dir=None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert clips.shape == (30, 8, 48, 48, 3)
+    assert peak < 40 * frame_bytes, f"{peak / frame_bytes:.0f} frames' worth held at once"

@@ -183,7 +183,7 @@ class BlackoutAnonymizer:
     def __init__(self):
         self.calls = 0
 
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         self.calls += 1
         return [np.zeros_like(f) for f in frames], None
 

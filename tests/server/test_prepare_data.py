@@ -18,9 +18,9 @@ class CountingFaceAnonymizer(FaceAnonymizer):
 
     calls = 0
 
-    def anonymize_frames(self, frames):
+    def anonymize_frames(self, frames, **options):
         self.calls += 1
-        return super().anonymize_frames(frames)
+        return super().anonymize_frames(frames, **options)
 
 
 def test_simulated_sites_find_their_videos_anonymized_as_they_anonymize_them(tmp_path, monkeypatch):

@@ -1030,7 +1030,8 @@ def _nearest_ahead(i: int, a: Box, future: list[tuple[int, list[Box]]],
     for j, after in future:
         matches = [b for b in after if _same_face(a, b, j - i)]
         if matches:
-            yield j, min(matches, key=lambda b: _distance(_moved(a, velocity, j - i), b))
+            there = _moved(a, velocity, j - i)
+            yield j, min(matches, key=lambda b: _distance(there, b))
 
 
 def _first_match(i: int, a: Box, future: list[tuple[int, list[Box]]],
@@ -1128,8 +1129,8 @@ def _on_course(a: Box, velocity: tuple[float, float] | None, b: Box, frames: int
 
 
 def _moved(box: Box, velocity: tuple[float, float], frames: int) -> Box:
-    return dataclasses.replace(box, x=int(round(box.x + velocity[0] * frames)),
-                               y=int(round(box.y + velocity[1] * frames)))
+    return Box(int(round(box.x + velocity[0] * frames)), int(round(box.y + velocity[1] * frames)),
+               box.w, box.h, box.score)
 
 
 def _distance(a: Box, b: Box) -> float:
@@ -1152,9 +1153,10 @@ def _same_face(a: Box, b: Box, frames_apart: int, fastest: int = FAST_FACE_PX) -
     """Whether boxes `frames_apart` frames apart can be one face: sizes within 2x, centres
     within two face widths plus, per frame between them, one width or `fastest` px if more
     (a small face crossing a 1280 px frame in 1.3 s moves 32 px a frame)."""
-    ratio = max(a.w, b.w) / max(1, min(a.w, b.w))
+    if max(a.w, b.w) >= 2.0 * max(1, min(a.w, b.w)):
+        return False
     width = max(a.w, a.h, b.w, b.h)
-    return ratio < 2.0 and _distance(a, b) < 2.0 * width + abs(frames_apart) * max(width, fastest)
+    return _distance(a, b) < 2.0 * width + abs(frames_apart) * max(width, fastest)
 
 
 def _interpolate(a: Box, b: Box, t: float, shape: tuple[int, ...]) -> Box:

@@ -55,7 +55,7 @@ from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 20
+ALGORITHM_VERSION = 21
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -819,6 +819,7 @@ class VideoStream:
         found, future = current.settled
         latest = _latest_boxes(reached)
         velocities = _velocities(current.index, found, past)
+        velocities.update(_velocities_ahead(current.index, [b for b in found if b not in velocities], ahead))
         held = (_held_boxes(current.index, (found, velocities), past, future, current.frame.shape, hold)
                 + _bridged(current.index, latest, ahead, current.frame.shape, hold)
                 + _carried_back(current.index, latest, ahead, hold))
@@ -1098,6 +1099,24 @@ def _velocities(index: int, boxes: list[Box],
         if found is not None:
             i, p = found
             speeds[box] = ((box.x - p.x) / (index - i), (box.y - p.y) / (index - i))
+    return speeds
+
+
+def _velocities_ahead(index: int, boxes: list[Box],
+                      future: list[tuple[int, list[Box]]]) -> dict[Box, tuple[float, float]]:
+    """Speeds of faces with no box behind (the first keyframes of a video or a shot): from a
+    box's first match ahead, the nearest, where that box's own next box lies where this speed
+    takes it (three boxes in a row at one speed: `_predicted_track`'s rule). Only faces found
+    at LOST_FACE_SCORE or more, each box of the first pair the other's nearest."""
+    speeds = {}
+    for a in boxes:
+        first = _first_match(index, a, future) if a.score >= LOST_FACE_SCORE else None
+        if first is None or _nearest_behind([(index, c) for c in boxes], *first) != (index, a):
+            continue
+        j, b = first
+        speed = ((b.x - a.x) / (j - index), (b.y - a.y) / (j - index))
+        if _predicted_track(j, b, speed, [entry for entry in future if entry[0] > j], [(j, b, speed)]):
+            speeds[a] = speed
     return speeds
 
 

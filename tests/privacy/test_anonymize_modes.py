@@ -313,6 +313,25 @@ def test_fast_faces_on_their_course_are_not_also_hidden_where_they_were_and_will
                 assert not changed[y - 2:y + 3, x - 2:x + 3].any(), (index, stale)
 
 
+def test_fast_faces_with_no_past_are_tracked_by_their_next_two_boxes(anon_settings):
+    # The same two faces from the first frame of a shot: with no box behind, a face's speed
+    # is taken from its next box (keyframe 4) and confirmed by the one after (keyframe 8),
+    # three boxes in a row at one speed. From frame 0 to 3 each face is hidden where it is,
+    # not also where it was on keyframe 0 or will be on keyframe 4.
+    upper = {index: Box(20 + 16 * index, 60, 14, 14, 0.8) for index in range(13)}
+    lower = {index: Box(24 + 16 * index, 91, 14, 14, 0.8) for index in range(13)}
+    video = shot(0, range(13))
+    detector = FineLevelFaces({index: [upper[index], lower[index]] for index in (0, 4, 8, 12)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index in (0, 1, 2, 3):
+        changed = np.any(out[index] != video[index], axis=2)
+        for face in (upper, lower):
+            assert face_hidden(video[index], out[index], face[index]) == 1.0, index
+            for stale in {face[0], face[4]} - {face[index]}:
+                x, y = stale.x + stale.w // 2, stale.y + stale.h // 2
+                assert not changed[y - 2:y + 3, x - 2:x + 3].any(), (index, stale)
+
+
 def test_a_face_coming_in_fast_is_tracked_as_a_whole_face_from_its_half_in_view(anon_settings):
     # A 22 px face comes in from the left 32 px a frame. On keyframe 0 a third of it is in
     # view and found as a 12 px box at the edge; on keyframe 4 it is found whole. In between

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from client.video import VIDEO_SUFFIXES, VideoError, frames_to_clips, iter_frames, square_resize
+from privacy.blazeface_dense import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +272,7 @@ def load_clips(
 
 # --- Anonymizing a site's videos on all its cores -------------------------------------
 
-MAX_DEFAULT_WORKERS = 8  # each worker holds its own detector (~0.3 GB at 720p) and a video's frames
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's cpuset, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+MAX_DEFAULT_WORKERS = 8  # each worker holds its own detector (~0.3 GB at 720p)
 
 
 def anonymize_workers(requested: int = 0) -> int:

@@ -292,44 +292,29 @@ def test_two_small_faces_side_by_side_moving_fast_are_both_tracked_between_keyfr
             assert face_hidden(video[index], out[index], face) == 1.0, (index, face)
 
 
-def test_fast_faces_on_their_course_are_not_also_hidden_where_they_were_and_will_be(
-        anon_settings):
+@pytest.mark.parametrize("checked,stale", [((8, 9, 10, 11), (4, 8, 12)), ((0, 1, 2, 3), (0, 4))],
+                         ids=["on-their-course", "with-no-past"])
+def test_fast_faces_tracked_for_sure_are_not_also_hidden_where_they_were_and_will_be(
+        anon_settings, checked, stale):
     # Two 14 px faces 31 px apart cross 16 px a frame, found on keyframes 0, 4, 8 and 12.
     # From keyframe 8 on, each face's box ahead lies where its speed takes it and no other
-    # face's speed takes it there: the pairing is sure. From keyframe 8 to 11 each face is
-    # hidden where it is, not also where it was on keyframe 4 or 8 or where it will be on
-    # keyframe 12, the cover for a pairing in doubt.
+    # face's speed takes it there: the pairing is sure. Before, with no box behind, a face's
+    # speed is taken from its next box (keyframe 4) and confirmed by the one after (keyframe
+    # 8): three boxes in a row at one speed. On the checked frames each face is hidden where
+    # it is, not also where it was or will be on the stale keyframes, the cover for a
+    # pairing in doubt.
     upper = {index: Box(20 + 16 * index, 60, 14, 14, 0.8) for index in range(13)}
     lower = {index: Box(24 + 16 * index, 91, 14, 14, 0.8) for index in range(13)}
     video = shot(0, range(13))
     detector = FineLevelFaces({index: [upper[index], lower[index]] for index in (0, 4, 8, 12)})
     out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
-    for index in (8, 9, 10, 11):
+    for index in checked:
         changed = np.any(out[index] != video[index], axis=2)
         for face in (upper, lower):
             assert face_hidden(video[index], out[index], face[index]) == 1.0, index
-            for stale in {face[4], face[8], face[12]} - {face[index]}:
-                x, y = stale.x + stale.w // 2, stale.y + stale.h // 2
-                assert not changed[y - 2:y + 3, x - 2:x + 3].any(), (index, stale)
-
-
-def test_fast_faces_with_no_past_are_tracked_by_their_next_two_boxes(anon_settings):
-    # The same two faces from the first frame of a shot: with no box behind, a face's speed
-    # is taken from its next box (keyframe 4) and confirmed by the one after (keyframe 8),
-    # three boxes in a row at one speed. From frame 0 to 3 each face is hidden where it is,
-    # not also where it was on keyframe 0 or will be on keyframe 4.
-    upper = {index: Box(20 + 16 * index, 60, 14, 14, 0.8) for index in range(13)}
-    lower = {index: Box(24 + 16 * index, 91, 14, 14, 0.8) for index in range(13)}
-    video = shot(0, range(13))
-    detector = FineLevelFaces({index: [upper[index], lower[index]] for index in (0, 4, 8, 12)})
-    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
-    for index in (0, 1, 2, 3):
-        changed = np.any(out[index] != video[index], axis=2)
-        for face in (upper, lower):
-            assert face_hidden(video[index], out[index], face[index]) == 1.0, index
-            for stale in {face[0], face[4]} - {face[index]}:
-                x, y = stale.x + stale.w // 2, stale.y + stale.h // 2
-                assert not changed[y - 2:y + 3, x - 2:x + 3].any(), (index, stale)
+            for box in {face[key] for key in stale} - {face[index]}:
+                x, y = box.x + box.w // 2, box.y + box.h // 2
+                assert not changed[y - 2:y + 3, x - 2:x + 3].any(), (index, box)
 
 
 def test_a_face_coming_in_fast_is_tracked_as_a_whole_face_from_its_half_in_view(anon_settings):

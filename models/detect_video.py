@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from client.dataset import FrameAnonymizer
-from client.video import read_frames, square_resize, write_video
+from client.video import iter_frames, square_resize, write_video
 from client.dataset import clips_to_tensor
 from models.video_detector import decode_detections
 
@@ -61,10 +61,13 @@ def annotate_video(
     Every ``frame_stride``-th frame is kept (fps divided accordingly). The display is the centre
     crop resized to ``display_size`` (default 4 x frame_size) px square.
     """
-    frames = read_frames(Path(video_path), frame_stride)
-    anonymized, _ = anonymizer.anonymize_frames(frames)  # the model and the output only see these
-    small = np.stack([cv2.cvtColor(square_resize(f, frame_size), cv2.COLOR_BGR2RGB) for f in anonymized])
     display_size = display_size or 4 * frame_size
+    # The model and the output only see anonymized frames, each kept at the two sizes they
+    # need as soon as it is anonymized: a long video's frames are never all held.
+    kept, _ = anonymizer.anonymize_frames(
+        iter_frames(Path(video_path), frame_stride),
+        keep=lambda frame: (square_resize(frame, frame_size), square_resize(frame, display_size)))
+    small = np.stack([cv2.cvtColor(model_size, cv2.COLOR_BGR2RGB) for model_size, _ in kept])
     model.eval()
     device = next(model.parameters()).device
     windows = window_indices(len(small), clip_frames)
@@ -73,7 +76,7 @@ def annotate_video(
         clips = clips_to_tensor(small[windows[start : start + batch_size]]).to(device)
         detections = decode_detections(model(clips), frame_size, score_threshold=score_threshold)
         for i, found in enumerate(detections, start=start):
-            shown = square_resize(anonymized[i], display_size)
+            shown = kept[i][1]
             annotated.append(draw_detections(shown, found, classes, display_size / frame_size))
     write_video(Path(out_path), annotated, _fps(Path(video_path)) / frame_stride)
     return len(small)

@@ -31,8 +31,8 @@ from client.video import read_frames
 class IdentityAnonymizer:
     """Stands in for the face anonymizer where faces are not the point."""
 
-    def anonymize_frames(self, frames, **options):
-        return list(frames), None
+    def anonymize_frames(self, frames, keep=None, background=None):
+        return [keep(frame) if keep else frame for frame in frames], None
 
     def settings_key(self) -> str:
         return "identity"

@@ -183,9 +183,9 @@ class BlackoutAnonymizer:
     def __init__(self):
         self.calls = 0
 
-    def anonymize_frames(self, frames, **options):
+    def anonymize_frames(self, frames, keep=None, background=None):
         self.calls += 1
-        return [np.zeros_like(f) for f in frames], None
+        return [(keep or np.asarray)(np.zeros_like(f)) for f in frames], None
 
     def settings_key(self) -> str:
         return "blackout"

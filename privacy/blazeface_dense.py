@@ -17,10 +17,10 @@ IoU 0.3. The tests hold it to MediaPipe's own detections on the same windows.
 
 `FullRangeBlazeFace` runs the full-range model the same way. Its input is fixed at 192 px,
 so a frame is letterboxed into it as MediaPipe's face detector does (scaled by an affine
-warp that maps pixel corners, not centres, centred, black around; a plain resize moved
-its boxes by up to 3%) and its boxes are mapped back: the same detections as MediaPipe's,
-in half the time (2.2 against 4.5 ms a frame, most of it MediaPipe's graph around the
-network).
+warp that maps pixel corners, not centres, centred, black around; a plain resize moved its
+boxes by up to a tenth of their size) and its boxes are mapped back: the same detections
+as MediaPipe's, in half the time (2.2 against 4.8-5.3 ms a frame, most of that MediaPipe's
+graph around the network).
 """
 
 from __future__ import annotations

@@ -1121,10 +1121,14 @@ def _velocities_ahead(index: int, boxes: list[Box],
 
 
 def _found_before(past_boxes: list[tuple[int, Box]], index: int, box: Box) -> tuple[int, Box] | None:
-    """(frame, box) of the latest box before frame `index` that can be the same face as `box`
-    (the nearest, on that frame)."""
+    """(frame, box) of the latest box before frame `index` that can be the same face as `box`:
+    on that frame the nearest, a box found at LOST_FACE_SCORE or more preferring one found so
+    too (boxes at the detector's threshold come and go beside faces, and a face's speed taken
+    from one is off its course)."""
     earlier = [(i, p) for i, p in past_boxes if i < index and _same_face(p, box, index - i)]
-    return max(earlier, key=lambda match: (match[0], -_distance(match[1], box)), default=None)
+    confident = box.score >= LOST_FACE_SCORE
+    return max(earlier, key=lambda match: (match[0], confident and match[1].score >= LOST_FACE_SCORE,
+                                           -_distance(match[1], box)), default=None)
 
 
 def _latest_boxes(past: list[tuple[int, list[Box], dict]]) -> list[tuple[int, list[Box], dict]]:

@@ -23,10 +23,11 @@ from pathlib import Path
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from privacy.face_models import provision_face_models
+    from privacy.face_models import DERIVED_FROM, provision_face_models
 
     for name, path in provision_face_models(args.model_dir).items():
-        print(f"{name}: {path} (SHA-256 verified)")
+        how = f"derived from {DERIVED_FROM[path.name]}, " if path.name in DERIVED_FROM else ""
+        print(f"{name}: {path} ({how}SHA-256 verified)")
     return 0
 
 

@@ -15,6 +15,9 @@ MediaPipe's face-detection graph for this model: sigmoid scores, box centre = an
 + offset, width and height in input pixels, then a score-weighted non-maximum suppression at
 IoU 0.3. The tests hold it to MediaPipe's own detections on the same windows.
 
+The same runner takes the int8 form of the network (`privacy.blazeface_int8`): its
+input is the same [-1, 1] quantized (`input_table`), its outputs are float.
+
 `FullRangeBlazeFace` runs the full-range model the same way. Its input is fixed at 192 px,
 so a frame is letterboxed into it as MediaPipe's face detector does (scaled by an affine
 warp that maps pixel corners, not centres, centred, black around; a plain resize moved its
@@ -59,7 +62,9 @@ class DenseBlazeFace:
         self.path = Path(path)
         self.threads = threads or usable_cores()
         self._interpreters: OrderedDict[int, list[tuple[object, tuple[int, int]]]] = OrderedDict()
+        self._to_input = _TO_INPUT
         try:
+            self._to_input = input_table(self._interpreter((INPUT_SIZE, INPUT_SIZE)))
             probe = self.run(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         except FaceModelError:
             raise
@@ -82,7 +87,7 @@ class DenseBlazeFace:
         """The raw outputs (classificators (A, 1), regressors (A, 16)) for one RGB uint8
         image, padded with black to multiples of 16 px. They are views of LiteRT's output
         buffers, valid until the next call (copying them cost more than the decoding)."""
-        return _invoke(self._interpreter(_padded(rgb.shape[:2])), rgb)
+        return _invoke(self._interpreter(_padded(rgb.shape[:2])), rgb, self._to_input)
 
     def _interpreter(self, shape: tuple[int, int]):
         """An interpreter planned for `shape`: one kept for it, or a new one while the
@@ -138,7 +143,7 @@ class FullRangeBlazeFace:
         square = cv2.warpAffine(rgb, np.float32([[scale, 0, left], [0, scale, top]]),
                                 (FULL_RANGE_SIZE, FULL_RANGE_SIZE), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        scores, boxes = _invoke(self._interpreter, square)
+        scores, boxes = _invoke(self._interpreter, square, _TO_INPUT)
         found = weighted_nms(_decode(scores[:, 0], boxes, square.shape[:2], threshold,
                                      _FULL_RANGE_STRIDES), NMS_IOU)
         found[:, :2] -= (left, top)
@@ -151,16 +156,28 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _invoke(interpreter, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run a BlazeFace interpreter planned for `rgb` padded to its input: the outputs
-    (scores (A, 1), box and keypoint offsets (A, 16)) as views of LiteRT's buffers."""
+def input_table(interpreter) -> np.ndarray:
+    """The table from uint8 pixels to a BlazeFace network's input: MediaPipe's [-1, 1] in
+    float32, or those values quantized as the input asks (an int8 network)."""
+    details = interpreter.get_input_details()[0]
+    if details["dtype"] == np.float32:
+        return _TO_INPUT
+    scale, zero_point = details["quantization"]
+    info = np.iinfo(details["dtype"])
+    return np.clip(np.round(_TO_INPUT / scale) + zero_point, info.min, info.max).astype(details["dtype"])
+
+
+def _invoke(interpreter, rgb: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run a BlazeFace interpreter planned for `rgb` padded to its input, `table` (see
+    `input_table`) giving its input: the outputs (scores (A, 1), box and keypoint offsets
+    (A, 16)) as views of LiteRT's buffers."""
     height, width = rgb.shape[:2]
     buffer = interpreter.tensor(interpreter.get_input_details()[0]["index"])()[0]
     view = buffer[:height, :width]
-    written = cv2.LUT(rgb, _TO_INPUT, dst=view)  # uint8 -> [-1, 1] in place, one pass
+    written = cv2.LUT(rgb, table, dst=view)  # uint8 -> the network's input in place, one pass
     if written is not view:  # OpenCV allocated instead of writing into the buffer
         view[...] = written
-    buffer[height:], buffer[:height, width:] = _TO_INPUT[0], _TO_INPUT[0]  # black
+    buffer[height:], buffer[:height, width:] = table[0], table[0]  # black
     del buffer, view, written  # LiteRT refuses to run while its buffers are referenced
     interpreter.invoke()
     # The short-range file names its outputs; the full-range one does not, but has the

@@ -209,9 +209,7 @@ def test_a_corrupt_video_among_worker_processes_is_reported_and_skipped(tmp_path
 def test_a_worker_whose_face_model_does_not_load_stops_the_loading(tmp_path, dataset):
     _, items = scan_video_folder(dataset)
     models = tmp_path / "models"
-    models.mkdir()
-    for path in provision_face_models().values():
-        shutil.copy(path, models / path.name)
+    shutil.copytree(provision_face_models()["short_range"].parent, models)
     anonymizer = face_anonymizer(models)
     (models / "face_detection_short_range.tflite").write_bytes(b"not a model")  # after the site loaded it
     with pytest.raises(FaceModelError, match="face_detection_short_range.tflite"):

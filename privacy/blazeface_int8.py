@@ -38,7 +38,7 @@ from privacy.blazeface_dense import INPUT_SIZE, _TO_INPUT
 from privacy.durable import atomic_write_bytes
 
 OUTPUT_HEADS = r".*(classificator|regressor|reshape).*"  # the ops from the heads to the outputs
-CALIBRATION_FACES = range(85, 100)  # of lfw_subset's 100 faces; the benchmark uses 0-80
+CALIBRATION_FACES = range(85, 100)  # of lfw_subset's 100 faces; the benchmark's are among 0-80
 CALIBRATION_PHOTOS = ("gravel", "moon", "coins", "retina", "page", "text", "clock", "cell")
 CALIBRATION_FACE_PX = (18, 24, 32, 48, 64)  # 14-50% of the input: where faces are found
 _DEQUANTIZE, _RELU = 6, 19  # TFLite builtin operator codes
@@ -69,7 +69,6 @@ def derive_int8_model(source: Path, target: Path) -> None:
         quantized = quantizer.Quantizer(float32, recipe.get_quantization_recipe())
         model = quantized.quantize(ranges.get_model_qsvs()).quantized_model
     atomic_write_bytes(target, bytes(model))
-
 
 
 def float32_graph(model):
@@ -176,8 +175,8 @@ def calibration_windows(seed: int = 0) -> list[np.ndarray]:
             window[y:y + size, x:x + size] = cv2.resize(_rgb(face), (size, size),
                                                         interpolation=cv2.INTER_LINEAR)
             windows.append(window)
-    gradient = np.repeat(np.linspace(0, 255, INPUT_SIZE).astype(np.uint8)[None, :, None], 3, 2)
-    windows.append(np.ascontiguousarray(np.broadcast_to(gradient, (INPUT_SIZE, INPUT_SIZE, 3))))
+    gradient = np.linspace(0, 255, INPUT_SIZE).astype(np.uint8)[None, :, None]
+    windows.append(np.tile(gradient, (INPUT_SIZE, 1, 3)))
     return windows
 
 
@@ -190,7 +189,5 @@ def _window(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
-    image = image.astype(np.uint8) if image.dtype != bool else image.astype(np.uint8) * 255
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    return np.ascontiguousarray(image[..., :3])
+    """A uint8 gray or RGB(A) image as RGB."""
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else np.ascontiguousarray(image[..., :3])

@@ -151,8 +151,9 @@ class AnonymizerSettings:
         tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
         differ by at most 4 levels between frames 16 apart.
     threads: LiteRT's threads for the dense network (0: one per core). Speed, not output.
-    int8: the levels that scale the frame up for small faces (windows under 128 px: most of
-        a video's time) run the short-range network in int8 (`privacy.blazeface_int8`,
+    int8: the passes that scale the frame up for small faces (windows under 128 px: the 96 px
+        level, most of a 720p video's time, and the whole-frame pass of frames under 128 px)
+        run the short-range network in int8 (`privacy.blazeface_int8`,
         derived at setup from MediaPipe's file): 1.5x faster on two cores, the same faces
         found, their scores within ~0.06. The other passes keep the float network, whose
         large false positives stay under min_confidence (in int8 a 350 px one of the

@@ -33,7 +33,7 @@ app = ClientApp()
 @lru_cache(maxsize=4)
 def _site_data(config: RunConfig, node: NodeConfig, privacy_dir: Path) -> SiteData:
     # Memoised per process: in simulation a worker serves many rounds.
-    return load_site_data(config, node, site_anonymizer(node.anonymize_mode), privacy_dir)
+    return load_site_data(config, node, site_anonymizer(node.anonymize_mode, node.anonymize_int8), privacy_dir)
 
 
 def site_of(context: Context) -> tuple[RunConfig, NodeConfig, SitePrivacy, SiteData]:

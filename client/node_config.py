@@ -46,6 +46,7 @@ class NodeConfig:
     allowed_fab_hashes: str = ""     # comma-separated SHA-256 of the app bundles the site runs
     anonymize_mode: str = "faces"    # "faces", or "faces+heads": also hide moving people's heads
     anonymize_workers: int = 0       # processes that anonymize the site's videos; 0: one per core, at most 8
+    anonymize_int8: bool = True      # small faces found by the int8 network (faster); false: the float one (less collateral)
     partition_id: int = -1           # simulation only (set by Flower)
     num_partitions: int = 0          # simulation only (set by Flower)
 

@@ -87,10 +87,10 @@ def site_items(config: RunConfig, node: NodeConfig) -> tuple[tuple[str, ...], li
 
 
 @lru_cache(maxsize=1)
-def site_anonymizer(mode: str = "faces") -> FaceAnonymizer:
-    """The anonymizer for node-config `anonymize-mode`, loaded once per process; fails closed
-    without a face model."""
-    return FaceAnonymizer(AnonymizerSettings.for_mode(mode))
+def site_anonymizer(mode: str = "faces", int8: bool = True) -> FaceAnonymizer:
+    """The anonymizer for node-config `anonymize-mode` and `anonymize-int8`, loaded once per
+    process; fails closed without a face model."""
+    return FaceAnonymizer(AnonymizerSettings.for_mode(mode, int8=int8))
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pytest
 
 from client.dataset import ClipSpec, DataError, load_clips, partition_items, scan_video_folder, split_items, video_clips
 from client.node_config import NodeConfig
+from client.site import site_anonymizer
 from client.synth import CLASSES, write_synthetic_dataset, write_video
 from client.video import VideoError, read_frames
 from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
@@ -239,6 +240,21 @@ def test_a_script_whose_workers_cannot_start_anonymizes_in_its_own_process(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert "clips 6" in done.stdout and "going on in this one" in done.stderr
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 3
+
+
+def test_anonymize_int8_chooses_the_network_that_finds_small_faces(monkeypatch):
+    monkeypatch.setenv("FEDVID_FACE_MODELS", str(provision_face_models()["short_range"].parent))
+    assert NodeConfig.from_mapping({"data-dir": "/videos"}).anonymize_int8
+    node = NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-int8": False})
+    with pytest.raises(ValueError, match="anonymize-int8"):
+        NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-int8": "no"})
+    site_anonymizer.cache_clear()
+    try:
+        as_shipped = site_anonymizer(node.anonymize_mode, node.anonymize_int8).detector
+        assert as_shipped.small_faces is as_shipped.short_range  # MediaPipe's float network only
+        assert site_anonymizer().detector.small_faces.path.name == "face_detection_short_range_int8.tflite"
+    finally:
+        site_anonymizer.cache_clear()
 
 
 def test_anonymize_workers_is_a_count_of_processes():

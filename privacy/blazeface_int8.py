@@ -42,6 +42,7 @@ CALIBRATION_FACES = range(85, 100)  # of lfw_subset's 100 faces; the benchmark's
 CALIBRATION_PHOTOS = ("gravel", "moon", "coins", "retina", "page", "text", "clock", "cell")
 CALIBRATION_FACE_PX = (18, 24, 32, 48, 64)  # 14-50% of the input: where faces are found
 _DEQUANTIZE, _RELU = 6, 19  # TFLite builtin operator codes
+_NO_ACTIVATION, _FUSED_RELU = 0, 1  # TFLite fused activation functions
 SIGNATURE = "serving_default"
 
 
@@ -108,10 +109,9 @@ def _relus_fused(operators: list, kind) -> list:
     fused = []
     for op in operators:
         source = writer.get(op.inputs[0]) if kind(op) == _RELU else None
-        if source is not None and readers[op.inputs[0]] == 1 and source.builtinOptions is not None \
-                and hasattr(source.builtinOptions, "fusedActivationFunction") \
-                and source.builtinOptions.fusedActivationFunction == 0:
-            source.builtinOptions.fusedActivationFunction = 1  # RELU
+        if (source is not None and readers[op.inputs[0]] == 1
+                and getattr(source.builtinOptions, "fusedActivationFunction", None) == _NO_ACTIVATION):
+            source.builtinOptions.fusedActivationFunction = _FUSED_RELU
             source.outputs = [op.outputs[0]]
         else:
             fused.append(op)

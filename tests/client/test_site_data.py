@@ -14,6 +14,7 @@ import pytest
 
 from client.dataset import ClipSpec, DataError, load_clips, partition_items, scan_video_folder, split_items, video_clips
 from client.node_config import NodeConfig
+from client.run_config import RunConfig
 from client.site import site_anonymizer
 from client.synth import CLASSES, write_synthetic_dataset, write_video
 from client.video import VideoError, read_frames
@@ -246,6 +247,9 @@ def test_anonymize_int8_chooses_the_network_that_finds_small_faces(monkeypatch):
     monkeypatch.setenv("FEDVID_FACE_MODELS", str(provision_face_models()["short_range"].parent))
     assert NodeConfig.from_mapping({"data-dir": "/videos"}).anonymize_int8
     node = NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-int8": False})
+    # The site's choice alone: a coordinator's run config cannot make it.
+    with pytest.raises(ValueError, match="unknown run-config key.*anonymize-int8"):
+        RunConfig.from_mapping({"anonymize-int8": False})
     with pytest.raises(ValueError, match="anonymize-int8"):
         NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-int8": "no"})
     site_anonymizer.cache_clear()

@@ -3,11 +3,11 @@
 BlazeFace sees its input at 128 px (short-range model) or 192 px (full-range model), so a
 20 px face in a 1280x720 frame shrinks to 2-3 px and is missed by a whole-frame pass. The
 detector therefore runs as a pyramid: the whole frame (both models), then the frame scaled
-so that a window of 512, 256 or 96 px becomes the network's 128 px input, scanned densely
+so that a window of 512, 256 or 64 px becomes the network's 128 px input, scanned densely
 by the short-range network (`privacy.blazeface_dense`: every 128 px window at once, no
 overlap scanned twice). A face is found best at 15-75% of a window, so each level finds
-faces of about 0.15-0.75 of its size and the levels overlap; single images also get a 64 px
-level (14 px faces in 1280x720 frames), which a video replaces by its frequent keyframes.
+faces of about 0.15-0.75 of its size and the levels overlap; the 64 px level finds 14 px
+faces in 1280x720 frames.
 
 Which boxes count as faces is a confidence and size policy chosen on labelled negatives
 (face-free photos, textures, video; `simulations/bench_anonymize.py`): false positives on
@@ -55,7 +55,7 @@ from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 22
+ALGORITHM_VERSION = 23
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -127,21 +127,28 @@ class AnonymizerSettings:
         confident face is tracked across twice as many (a keyframe that missed it).
     window_sizes / window_every: pyramid levels (the window of the frame that the network's
         128 px input sees) and, for each, on every how many frames of a video it runs. The
-        96 px level finds faces of 14-96 px in 1280x720 frames, the 256 and 512 px levels
+        64 px level finds faces of 14-48 px in 1280x720 frames, the 256 and 512 px levels
         32 px and larger; the whole-frame short-range pass runs on every frame. Levels whose
         window is not smaller than the frame are skipped: small training frames get the
-        whole-frame passes only. The recall and frames/s of other schedules:
-        `bench_anonymize`, curve.
+        whole-frame passes only. A 96 px finest level is 1.5-1.7x faster but covered 66%
+        of the face-frames of 14 px faces of people no other figure uses, with a still
+        camera (`bench_anonymize`, heldout; an 80 px one 82%, 64 px 98%). The recall and
+        frames/s of other schedules: `bench_anonymize`, curve and heldout.
     full_range_every: in a video, the full-range pass runs on every how many frames (the
         last of each run of them), where the largest level runs too; on frames no level is
         smaller than, every frame. It finds the sizes the 512 px level finds (every face of
         the benchmark's videos is covered without it), and took 8 of 55 ms per 720p frame
         in MediaPipe's graph: with 2, on the frames the 512 px level skips, 19.0 -> 21.2
         frames/s. In LiteRT it takes 2.2 ms a frame (MediaPipe's graph 4.8-5.3 ms now).
-    image_window_sizes / image_window_confidence: further, finer levels run on single
-        images only, whose boxes need image_window_confidence: 64 px windows find every
-        14 px face of the benchmark's 1280x720 stills (the 96 px level alone 79%); in a
-        video the keyframes and the hold cover small faces instead.
+    image_window_sizes: the levels a single image is scanned at, all at once: a 96 px level
+        besides the video's, since an image has no keyframes and no hold to make up for a
+        face one level misses.
+    fine_window_sizes / fine_window_confidence: the levels whose boxes need
+        fine_window_confidence instead of small_face_confidence. Scaled up 2x, texture
+        passes for small faces (a face-free photo, scikit-image's rocket, gave a 12 px box
+        at 0.33-0.48); at 0.45 the 64 px level still covered 98% of the face-frames of other
+        people's 14 px faces in video (`bench_anonymize`, heldout; 100% at 0.3, with 0.8-1.9
+        pp more non-face pixels changed).
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass looks again
         only at the bands of rows (one window high) where some 16 px block (gray, mean
@@ -151,7 +158,7 @@ class AnonymizerSettings:
         tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
         differ by at most 4 levels between frames 16 apart.
     threads: LiteRT's threads for the dense network (0: one per core). Speed, not output.
-    int8: the passes that scale the frame up for small faces (windows under 128 px: the 96 px
+    int8: the passes that scale the frame up for small faces (windows under 128 px: the 64 px
         level, most of a 720p video's time, and the whole-frame pass of frames under 128 px)
         run the short-range network in int8 (`privacy.blazeface_int8`,
         derived at setup from MediaPipe's file): 1.5x faster on two cores, the same faces
@@ -177,11 +184,12 @@ class AnonymizerSettings:
     stripes: float = 20.0
     pixel_blocks: int = 4
     hold_frames: int = 4
-    window_sizes: tuple[int, ...] = (512, 256, 96)
+    window_sizes: tuple[int, ...] = (512, 256, 64)
     window_every: tuple[int, ...] = (2, 4, 4)
     full_range_every: int = 2
-    image_window_sizes: tuple[int, ...] = (64,)
-    image_window_confidence: float = 0.45
+    image_window_sizes: tuple[int, ...] = (512, 256, 96, 64)
+    fine_window_sizes: tuple[int, ...] = (64,)
+    fine_window_confidence: float = 0.45
     nms_iou: float = 0.3
     reuse_unchanged: bool = True
     change_threshold: float = 6.0
@@ -205,7 +213,7 @@ class AnonymizerSettings:
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:
             raise ValueError(f"blur must be one of {BLUR_MODES}, got {self.blur!r}")
-        for name in ("min_confidence", "small_face_confidence", "image_window_confidence"):
+        for name in ("min_confidence", "small_face_confidence", "fine_window_confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.small_face_area < 1.0:
@@ -322,8 +330,8 @@ class PyramidFaceDetector:
             if size >= max(width, height):
                 continue
             found = self._level(rgb, size, memory)
-            if size in self.settings.image_window_sizes:
-                found = [box for box in found if box.score >= self.settings.image_window_confidence]
+            if size in self.settings.fine_window_sizes:
+                found = [box for box in found if box.score >= self.settings.fine_window_confidence]
             boxes += found
         boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
@@ -631,9 +639,8 @@ class FaceAnonymizer:
 
     def detect(self, image: np.ndarray) -> list[Box]:
         """Face boxes (pixel coordinates, with score) in one BGR or gray uint8 image, using
-        every pyramid level, the image-only ones too."""
-        sizes = tuple(self.settings.window_sizes) + tuple(self.settings.image_window_sizes)
-        return self.detector.detect(_to_rgb(image), sizes)
+        every level of image_window_sizes."""
+        return self.detector.detect(_to_rgb(image), self.settings.image_window_sizes)
 
     def anonymize_image(self, image: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         """A copy of a BGR uint8 image with every detected face hidden, and the boxes found.

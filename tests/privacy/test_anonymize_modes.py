@@ -18,6 +18,8 @@ from privacy.anonymize_centerface import CenterFaceDetector
 from privacy.anonymize_heads import HeadFinder, HeadSettings, median_background
 from simulations.bench_anonymize import hidden, walkers_video
 
+FINEST = min(AnonymizerSettings().window_sizes)  # the pyramid level that finds the smallest faces
+
 
 def bgr(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1])
@@ -179,7 +181,7 @@ def test_a_fast_face_coming_in_from_the_edge_is_covered_before_it_is_found(anon_
 
 
 class FineLevelOnly:
-    """A detector that sees a face only where the finest pyramid level (96 px windows) runs,
+    """A detector that sees a face only where the finest pyramid level (64 px windows) runs,
     as with faces of 14-24 px in 720p frames; each frame's index is in its first pixel, and
     `faces` gives the face boxes by frame index."""
 
@@ -192,7 +194,7 @@ class FineLevelOnly:
         index = int(rgb[0, 0, 0])
         self.calls.append(index)
         face = self.faces.get(index)
-        return [face] if face is not None and 96 in window_sizes else []
+        return [face] if face is not None and FINEST in window_sizes else []
 
 
 def shot(seed: int, frames: range) -> list[np.ndarray]:
@@ -209,7 +211,7 @@ def face_hidden(original: np.ndarray, output: np.ndarray, face: Box) -> float:
 
 def test_the_last_frame_before_a_cut_is_scanned_by_every_level(anon_settings):
     # A face comes into view on frame 9, and the picture changes at once on frame 10. Frame 9
-    # is no keyframe of the 96 px level (every 4th frame): only a scan at the cut finds it.
+    # is no keyframe of the finest level (every 4th frame): only a scan at the cut finds it.
     video = shot(0, range(10)) + shot(1, range(10, 16))
     detector = FineLevelOnly({9: Box(150, 100, 16, 16)})
     out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
@@ -249,7 +251,7 @@ class FineLevelFaces(FineLevelOnly):
     def detect(self, rgb, window_sizes, memory=None, full_range=True):
         index = int(rgb[0, 0, 0])
         self.calls.append(index)
-        return list(self.faces.get(index, [])) if 96 in window_sizes else []
+        return list(self.faces.get(index, [])) if FINEST in window_sizes else []
 
 
 def test_a_face_coming_in_beside_another_is_covered_before_it_is_found(anon_settings):

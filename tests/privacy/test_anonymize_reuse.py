@@ -155,3 +155,4 @@ def test_the_full_range_pass_runs_every_other_frame_where_the_pyramid_runs(
         assert len(calls) == most
     else:  # no level runs on 64 px frames: the whole-frame passes run on every one
         assert len(calls) >= len(frames)
+

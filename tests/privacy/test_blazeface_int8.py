@@ -45,7 +45,7 @@ def best_inside(rows: np.ndarray, box, scale: float) -> np.ndarray | None:
     return max(inside, key=lambda row: row[4]) if inside else None
 
 
-# It runs where frames are scaled up: the 96 px level, a 64 px frame's whole-frame pass.
+# It runs where frames are scaled up: the 64 px level, a 64 px frame's whole-frame pass.
 @pytest.mark.parametrize("scale", [1.0, 128 / 96, 2.0])
 def test_the_int8_network_finds_the_float_networks_faces(face_models, real_faces, scale):
     frame, faces = frame_with_faces(real_faces)

@@ -264,6 +264,11 @@ def test_temporal_hold_blurs_a_frame_the_detector_missed(face_anonymizer, real_f
     bare = FaceAnonymizer(no_hold, detector=DropOnFrame(detector, clip, missed))
     unheld, _ = bare.anonymize_frames(clip)
     assert detail_left(clip[missed], unheld[missed], face) > 0.8
+    # ... while the face is found and hidden on every other frame.
+    faces = [paste_face(np.zeros_like(clip[0]), real_faces[0], 80, 0, (300 + 3 * t, 180))
+             for t in range(len(clip))]
+    assert all(detail_left(clip[t], unheld[t], faces[t]) <= MAX_DETAIL_KEPT
+               for t in range(len(clip)) if t != missed)
 
 
 def test_anonymize_frames_returns_new_arrays_and_leaves_input_alone(face_anonymizer,

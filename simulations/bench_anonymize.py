@@ -21,6 +21,8 @@ into frames, their boxes known), never on what a detector finds:
   video at 64 px (the built-in data), 1280x720 (11 faces) and 1920x1080, and on a 1280x720
   video with only 3 faces (mostly still background) and one whose camera pans 4 px per frame
   (nothing is still), and of deface on the same files.
+- memory: the peak resident memory of a fresh process anonymizing one photo (720p, 1080p and
+  a 12 MP phone photo) or one video (720p, 1080p, 4K), and its time.
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
   hand-labelled on frames 100, 400, 700) and generated walkers with 8-12 px real faces.
 - the recall-vs-frames/s curve of the pyramid schedules tried, with a still and a panning
@@ -39,11 +41,14 @@ import argparse
 import dataclasses
 import hashlib
 import itertools
+import multiprocessing
+import resource
 import shutil
 import subprocess
 import tempfile
 import time
 import weakref
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -623,6 +628,50 @@ def bench_speed(settings, deface, work, frames: int) -> None:
         print(line)
 
 
+MEMORY_PHOTOS = ((1280, 720), (1920, 1080), (4032, 3024))
+MEMORY_VIDEOS = ((1280, 720), (1920, 1080), (3840, 2160))
+
+
+def bench_memory(settings, work, frames: int = 30) -> None:
+    print("\nMemory: peak resident memory of a fresh process anonymizing one file (imports "
+          "included), and its time")
+    still, _ = face_stills((24,), (0,), ("coffee",))[0]
+    video = work / "memory-source.mp4"
+    synthetic_video(video, 1280, 720, LARGE_FACES, frames)
+    jobs = []
+    for width, height in MEMORY_PHOTOS:
+        jobs.append((f"photo {width}x{height}", work / f"memory-{width}x{height}.png"))
+        cv2.imwrite(str(jobs[-1][1]), cv2.resize(still, (width, height), interpolation=cv2.INTER_LINEAR))
+    for width, height in MEMORY_VIDEOS:
+        jobs.append((f"video {width}x{height}, {frames} frames", work / f"memory-{width}x{height}.mp4"))
+        resized_copy(video, jobs[-1][1], width, height)
+    spawn = multiprocessing.get_context("spawn")
+    for label, src in jobs:
+        with ProcessPoolExecutor(1, mp_context=spawn) as fresh:
+            start_mb, peak_mb, seconds = fresh.submit(_peak_memory, src, settings).result()
+        print(f"  {label:30s} peak {peak_mb:6.0f} MB ({start_mb:.0f} MB before anonymizing), "
+              f"{seconds:.1f} s")
+
+
+def _peak_memory(src: Path, settings) -> tuple[float, float, float]:
+    """(peak MB before, peak MB after, seconds) of anonymizing `src` in this process."""
+    before = _peak_mb()
+    start = time.perf_counter()
+    anonymize_file(src, src.with_name(f"out-{src.name}"), settings, progress=False)
+    return before, _peak_mb(), time.perf_counter() - start
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory: Linux's VmHWM, which starts again at exec
+    (ru_maxrss keeps the peak of the process that forked it)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def bench_curve(settings, work, frames: int) -> None:
     for pan in (0, 4):
         camera = "a camera panning 4 px/frame" if pan else "a still camera"
@@ -816,9 +865,9 @@ def main() -> None:
     parser.add_argument("--deface", help="path to the deface executable")
     parser.add_argument("--frames", type=int, default=120, help="frames of generated videos")
     parser.add_argument("--vtest", type=Path, default=VTEST, help="Debian's vtest.avi")
-    parser.add_argument("--sections", default="faces,heldout,negatives,speed,curve,misses,heads",
-                        help="comma-separated subset of faces,heldout,negatives,speed,curve,"
-                             "misses,heads")
+    parser.add_argument("--sections", default="faces,heldout,negatives,speed,memory,curve,misses,heads",
+                        help="comma-separated subset of faces,heldout,negatives,speed,memory,"
+                             "curve,misses,heads")
     args = parser.parse_args()
     models = provision_face_models()
     settings = AnonymizerSettings(model_dir=models["short_range"].parent)
@@ -836,6 +885,8 @@ def main() -> None:
             bench_negatives(settings, deface, work)
         if "speed" in sections:
             bench_speed(settings, deface, work, args.frames)
+        if "memory" in sections:
+            bench_memory(settings, work)
         if "curve" in sections:
             bench_curve(settings, work, args.frames)
         if "misses" in sections:

@@ -1,8 +1,9 @@
 """BlazeFace in LiteRT gives MediaPipe's own detections. The short-range model run densely:
 on 128 px windows the same boxes and scores as MediaPipe's face detector, and on a whole
 frame the faces MediaPipe finds window by window. The full-range model, letterboxed: on
-whole frames of any shape the same boxes and scores. A file that is not the model fails
-closed, naming the file."""
+whole frames of any shape the same boxes and scores. An input too large for one run runs in
+strips that give the same detections. A file that is not the model fails closed, naming the
+file."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace, FullRangeBlazeFace
+from privacy import blazeface_dense
+from privacy.blazeface_dense import GRID, INPUT_SIZE, DenseBlazeFace, FullRangeBlazeFace, strips
 from privacy.face_models import FaceModelError
 from simulations.bench_anonymize import close_quietly, mediapipe_face_detector, mediapipe_rows, paste_face
 
@@ -97,6 +99,34 @@ def test_interpreters_are_replanned_per_width_and_give_what_a_fresh_one_gives(
         kept = [shape for entries in dense._interpreters.values() for _, shape in entries]
         assert len(kept) <= 3 and len({shape for shape in kept if shape[1] == 768}) <= 2, kept
     assert len(dense.detect(frame, 0.3)) >= len(faces) - 1  # the bands hold faces: not vacuous
+
+
+@pytest.mark.parametrize("model", ["short_range", "short_range_int8"])
+def test_a_large_input_runs_in_strips_that_give_the_detections_of_one_run(
+        face_models, real_faces, model, monkeypatch):
+    frame, faces = frame_with_faces(real_faces)
+    # A frame scaled 2x, as the 64 px level scales it, with a height no multiple of 16.
+    scaled = cv2.resize(frame[:507], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    budget = 3 << 18
+    runs = strips(scaled.shape[:2], budget)
+    padded = lambda rows: (-(-(rows[1] - rows[0]) // GRID) * GRID, -(-scaled.shape[1] // GRID) * GRID)
+    assert len(runs) >= 3 and all(np.prod(padded(rows)) <= budget + GRID * padded((0, 0))[1]
+                                  for rows, _ in runs)
+    assert len({padded(rows) for rows, _ in runs}) <= 2  # two interpreters, none replanned
+    own = [rows for _, rows in runs]  # every anchor row answered for once
+    assert own[0][0] == 0 and own[-1][1] == padded((0, scaled.shape[0]))[0]
+    assert all(a[1] == b[0] for a, b in zip(own, own[1:]))
+    one_run = DenseBlazeFace(face_models[model], threads=1, max_input_pixels=1 << 30).detect(scaled, 0.1)
+    in_strips = lambda: DenseBlazeFace(face_models[model], threads=1, max_input_pixels=budget).detect(scaled, 0.1)
+    ordered = lambda rows: rows[np.lexsort(rows.T)]
+    found = in_strips()
+    assert len(one_run) >= len(faces)  # faces and texture near the cuts: not vacuous
+    assert found.shape == one_run.shape
+    np.testing.assert_allclose(ordered(found), ordered(one_run), atol=1e-4)
+    # With less context at the cuts than the network's reach, the strips see other things.
+    monkeypatch.setattr(blazeface_dense, "REACH", 64)
+    short = in_strips()
+    assert short.shape != one_run.shape or not np.allclose(ordered(short), ordered(one_run), atol=1e-4)
 
 
 def frames_of_every_shape(real_faces) -> list[np.ndarray]:

@@ -219,7 +219,7 @@ def strips(shape: tuple[int, int], max_pixels: int = MAX_INPUT_PIXELS
     include the black rows that pad the input). One strip if the padded input has at most
     `max_pixels`; else strips of equal height (the last one up to a grid row taller), each
     with REACH rows beyond its own unless at the image's edge."""
-    height, width = shape
+    height = shape[0]
     padded_height, padded_width = _padded(shape)
     if padded_height * padded_width <= max_pixels:
         return [((0, height), (0, padded_height))]

@@ -109,12 +109,13 @@ def test_a_large_input_runs_in_strips_that_give_the_detections_of_one_run(
     scaled = cv2.resize(frame[:507], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
     budget = 3 << 18
     runs = strips(scaled.shape[:2], budget)
-    padded = lambda rows: (-(-(rows[1] - rows[0]) // GRID) * GRID, -(-scaled.shape[1] // GRID) * GRID)
-    assert len(runs) >= 3 and all(np.prod(padded(rows)) <= budget + GRID * padded((0, 0))[1]
-                                  for rows, _ in runs)
-    assert len({padded(rows) for rows, _ in runs}) <= 2  # two interpreters, none replanned
+    width = -(-scaled.shape[1] // GRID) * GRID
+    input_shape = lambda rows: (-(-(rows[1] - rows[0]) // GRID) * GRID, width)
+    assert len(runs) >= 3
+    assert all(np.prod(input_shape(rows)) <= budget + GRID * width for rows, _ in runs)
+    assert len({input_shape(rows) for rows, _ in runs}) <= 2  # two interpreters, none replanned
     own = [rows for _, rows in runs]  # every anchor row answered for once
-    assert own[0][0] == 0 and own[-1][1] == padded((0, scaled.shape[0]))[0]
+    assert own[0][0] == 0 and own[-1][1] == input_shape((0, scaled.shape[0]))[0]
     assert all(a[1] == b[0] for a, b in zip(own, own[1:]))
     one_run = DenseBlazeFace(face_models[model], threads=1, max_input_pixels=1 << 30).detect(scaled, 0.1)
     in_strips = lambda: DenseBlazeFace(face_models[model], threads=1, max_input_pixels=budget).detect(scaled, 0.1)

@@ -640,11 +640,13 @@ def bench_memory(settings, work, frames: int = 30) -> None:
     synthetic_video(video, 1280, 720, LARGE_FACES, frames)
     jobs = []
     for width, height in MEMORY_PHOTOS:
-        jobs.append((f"photo {width}x{height}", work / f"memory-{width}x{height}.png"))
-        cv2.imwrite(str(jobs[-1][1]), cv2.resize(still, (width, height), interpolation=cv2.INTER_LINEAR))
+        photo = work / f"memory-{width}x{height}.png"
+        cv2.imwrite(str(photo), cv2.resize(still, (width, height), interpolation=cv2.INTER_LINEAR))
+        jobs.append((f"photo {width}x{height}", photo))
     for width, height in MEMORY_VIDEOS:
-        jobs.append((f"video {width}x{height}, {frames} frames", work / f"memory-{width}x{height}.mp4"))
-        resized_copy(video, jobs[-1][1], width, height)
+        copy = work / f"memory-{width}x{height}.mp4"
+        resized_copy(video, copy, width, height)
+        jobs.append((f"video {width}x{height}, {frames} frames", copy))
     spawn = multiprocessing.get_context("spawn")
     for label, src in jobs:
         with ProcessPoolExecutor(1, mp_context=spawn) as fresh:

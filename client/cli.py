@@ -49,7 +49,8 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     from privacy.anonymize import AnonymizerSettings
     from privacy.anonymize_video import anonymize_file
 
-    settings = AnonymizerSettings.for_mode(args.mode, min_confidence=args.confidence, blur=args.blur)
+    settings = AnonymizerSettings.for_mode(args.mode, args.smallest_face, min_confidence=args.confidence,
+                                           blur=args.blur)
     stats = anonymize_file(args.input, args.output, settings, preview=args.preview, progress=True)
     heads = f", heads hidden on {stats.frames_with_heads} frames" if args.mode == "faces+heads" else ""
     print(f"{args.output}: {stats.frames} frames, {stats.faces_blurred} face regions blurred{heads}")
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur", choices=("gaussian", "pixelate", "fill"), default="gaussian")
     p.add_argument("--mode", choices=("faces", "faces+heads"), default="faces",
                    help="faces+heads also hides the head of every moving person (small-face surveillance video)")
+    p.add_argument("--smallest-face", type=int, default=14,
+                   help="the smallest faces, in pixels, a video's levels find: 20 (faster), 14 (default) "
+                        "or 12 (about half as fast)")
     p.set_defaults(func=cmd_anonymize)
 
     p = sub.add_parser("audit", help="check a run's privacy ledger (or a site's own) and print its budget table",

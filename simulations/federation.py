@@ -123,14 +123,14 @@ def prepare_data(config: RunConfig, sites: int, site_config: dict | None = None)
     """
     from client.dataset import DataError
     from client.node_config import NodeConfig
-    from client.site import cache_dir, clip_spec, federation_split, load_task_clips, site_anonymizer
+    from client.site import cache_dir, clip_spec, federation_split, load_task_clips, node_anonymizer, site_anonymizer
 
     classes, shared, test = federation_split(config)
     if len(shared) < sites:
         raise DataError(f"{len(shared)} videos cannot be shared among {sites} sites")
     node = NodeConfig.from_mapping({**(site_config or {}), "partition-id": 0, "num-partitions": sites})
     started = time.perf_counter()
-    sets = [load_task_clips(config, shared, clip_spec(config), site_anonymizer(node.anonymize_mode),
+    sets = [load_task_clips(config, shared, clip_spec(config), node_anonymizer(node),
                             cache_dir(node), progress=True, workers=node.anonymize_workers)]
     if test:
         sets.append(load_task_clips(config, test, clip_spec(config), site_anonymizer(), cache_dir(), progress=True))

@@ -15,7 +15,7 @@ import pytest
 from client.dataset import ClipSpec, DataError, load_clips, partition_items, scan_video_folder, split_items, video_clips
 from client.node_config import NodeConfig
 from client.run_config import RunConfig
-from client.site import site_anonymizer
+from client.site import node_anonymizer, site_anonymizer
 from client.synth import CLASSES, write_synthetic_dataset, write_video
 from client.video import VideoError, read_frames
 from privacy.anonymize import AnonymizerSettings, FaceAnonymizer
@@ -241,6 +241,23 @@ def test_a_script_whose_workers_cannot_start_anonymizes_in_its_own_process(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert "clips 6" in done.stdout and "going on in this one" in done.stderr
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 3
+
+
+def test_anonymize_smallest_face_chooses_a_sites_video_levels(monkeypatch):
+    monkeypatch.setenv("FEDVID_FACE_MODELS", str(provision_face_models()["short_range"].parent))
+    assert NodeConfig.from_mapping({"data-dir": "/videos"}).anonymize_smallest_face == 14
+    node = NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-smallest-face": 12,
+                                    "anonymize-int8": False})
+    with pytest.raises(ValueError, match="unknown run-config key.*anonymize-smallest-face"):
+        RunConfig.from_mapping({"anonymize-smallest-face": 20})
+    with pytest.raises(ValueError, match="anonymize-smallest-face = 10 must be one of 20, 14, 12"):
+        NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-smallest-face": 10})
+    site_anonymizer.cache_clear()
+    try:
+        settings = node_anonymizer(node).settings
+        assert settings.window_sizes == (512, 256, 64, 48) and not settings.int8
+    finally:
+        site_anonymizer.cache_clear()
 
 
 def test_anonymize_int8_chooses_the_network_that_finds_small_faces(monkeypatch):

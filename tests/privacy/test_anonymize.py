@@ -236,6 +236,38 @@ def test_a_14px_face_of_a_person_no_other_test_uses_is_hidden_in_a_720p_image(fa
     assert not any(hidden(i, o, face) for i, o, face in zip(images, outs, faces))
 
 
+@pytest.mark.parametrize("person, centre", [(10, (640, 180)), (54, (128, 180))])
+def test_a_site_that_needs_faces_from_12px_hides_a_14px_face_the_64px_level_misses(
+        face_anonymizer, person, centre):
+    # The held-out people of the test above, in a shot where they drift: the default video
+    # levels (down to 64 px) find neither on any frame; `anonymize-smallest-face = 12` adds
+    # the 48 px level.
+    source = heldout_sources()[person]
+    scene = cv2.resize(bgr(data.coffee()), (1280, 720), interpolation=cv2.INTER_AREA)
+    clip, faces = [], []
+    for t in range(5):
+        clip.append(scene.copy())
+        faces.append(paste_face(clip[-1], source, 14, 20, (centre[0] + 2 * t, centre[1])))
+    out, _ = face_anonymizer.anonymize_frames(clip)
+    assert not any(hidden(f, o, face) for f, o, face in zip(clip, out, faces))
+    finer = AnonymizerSettings.for_mode("faces", smallest_face=12,
+                                        model_dir=face_anonymizer.settings.model_dir)
+    assert finer.window_sizes == (512, 256, 64, 48)
+    with FaceAnonymizer(finer) as anonymizer:
+        out, _ = anonymizer.anonymize_frames(clip)
+    assert all(hidden(f, o, face) for f, o, face in zip(clip, out, faces))
+
+
+def test_the_smallest_face_is_one_the_levels_are_measured_for():
+    with pytest.raises(ValueError, match="smallest face must be one of 20, 14, 12 px, got 10"):
+        AnonymizerSettings.for_mode("faces", smallest_face=10)
+    assert AnonymizerSettings.for_mode("faces", smallest_face=20).window_sizes == (512, 256, 96)
+    assert AnonymizerSettings.for_mode("faces").window_sizes == AnonymizerSettings().window_sizes
+    # A caller's own levels win over the smallest face's.
+    own = AnonymizerSettings.for_mode("faces", 12, window_sizes=(512, 96), window_every=(2, 4))
+    assert own.window_sizes == (512, 96)
+
+
 def test_tiny_training_frames_are_anonymized(face_anonymizer, real_faces):
     clip = []
     for t in range(6):

@@ -28,12 +28,13 @@ def test_simulated_sites_find_their_videos_anonymized_as_they_anonymize_them(tmp
     monkeypatch.setenv("FEDVID_FACE_MODELS", str(provision_face_models()["short_range"].parent))
     data = write_synthetic_dataset(tmp_path / "data", seed=2, videos_per_class=3)
     config = resolve_run_config(f'data-dir="{data}" test-fraction=0.25')
-    site_config = {"anonymize-mode": "faces+heads", "cache-dir": str(tmp_path / "site-cache")}
+    site_config = {"anonymize-mode": "faces+heads", "anonymize-int8": False, "anonymize-smallest-face": 20,
+                   "cache-dir": str(tmp_path / "site-cache")}
     prepare_data(config, 2, site_config)
     node = NodeConfig.from_mapping({**site_config, "partition-id": 0, "num-partitions": 2})
     for site in range(2):
         _, items = site_items(config, dataclasses.replace(node, partition_id=site))
-        at_the_site = CountingFaceAnonymizer(AnonymizerSettings.for_mode("faces+heads"))
+        at_the_site = CountingFaceAnonymizer(AnonymizerSettings.for_mode("faces+heads", 20, int8=False))
         load_clips(items, clip_spec(config), at_the_site, cache_dir(node), workers=1)
         assert at_the_site.calls == 0, f"site {site} anonymized {at_the_site.calls} videos again"
     _, _, test = federation_split(config)

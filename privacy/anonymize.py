@@ -50,12 +50,15 @@ import cv2
 import numpy as np
 
 from privacy.anonymize_heads import HeadFinder, HeadSettings, hide_mask, median_background
-from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace, FullRangeBlazeFace
+from privacy.blazeface_dense import INPUT_SIZE, DenseBlazeFace, FullRangeBlazeFace, strips
 from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 23
+ALGORITHM_VERSION = 24
+# A video's changed bands are scanned in pieces of 1, 2 or SCAN_BANDS bands (one input shape
+# per length: LiteRT replans for a new one), or the whole frame where that costs no more.
+SCAN_BANDS = 4
 BLUR_MODES = ("gaussian", "pixelate", "fill")
 # The fastest face the edge stretch allows for, px per frame: one crossing a 1280 px frame
 # in 1.3 s at 30 frames/s.
@@ -166,10 +169,11 @@ class AnonymizerSettings:
     reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass looks again
         only at the bands of rows (one window high) where some 16 px block (gray, mean
         absolute difference) moved by more than change_threshold grey levels since it last
-        looked, or that it last looked at more than reuse_max_frames frames ago; elsewhere
-        it keeps what it found. A face that appears, moves or turns changes its blocks by
-        tens of levels; in Debian's vtest.avi (a still camera, encoded) 90% of the blocks
-        differ by at most 4 levels between frames 16 apart.
+        looked, or that it last looked at more than reuse_max_frames frames ago (in pieces
+        of 1, 2 or 4 bands: SCAN_BANDS); elsewhere it keeps what it found. A face that
+        appears, moves or turns changes its blocks by tens of levels; in Debian's vtest.avi
+        (a still camera, encoded) 90% of the blocks differ by at most 4 levels between
+        frames 16 apart.
     threads: LiteRT's threads for the dense network (0: one per core). Speed, not output.
     int8: the passes that scale the frame up for small faces (windows under 128 px: the 64 px
         level, most of a 720p video's time, and the whole-frame pass of frames under 128 px)
@@ -369,31 +373,65 @@ class PyramidFaceDetector:
         return found
 
     def _level(self, rgb: np.ndarray, size: int, memory: "PassMemory | None") -> list[Box]:
-        height = rgb.shape[0]
+        height, width = rgb.shape[:2]
         if memory is None:
             return self._scan(rgb, size, 0, height)
-        # Each run of stale bands (rows `size` px high: one window) is scanned with half a
-        # window of rows around it, so that a face centred in it is seen whole, in context.
+        # Stale bands (rows `size` px high: one window) are scanned in pieces of 1, 2 or
+        # SCAN_BANDS bands, each with half a window of rows around it, so that a face centred
+        # in it is seen whole, in context, and moved inside the frame rather than cut at its
+        # edge: pieces of a length share an input shape (LiteRT replans for each new one).
+        # Where they would cost as much as the whole frame, the whole frame is scanned.
         stale = memory.stale_bands(size, size)
         boxes = memory.boxes(size) if memory.has(size) else []
-        for first, last in _runs(stale):
+        scans = []
+        for first, last in _pieces(_runs(stale)):
             top, bottom = first * size, min((last + 1) * size, height)
-            found = self._scan(rgb, size, max(top - size // 2, 0), min(bottom + size // 2, height))
-            boxes = memory.update(size, top, bottom, found)
+            rows = min((last - first + 2) * size, height)
+            start = min(max(top - size // 2, 0), height - rows)
+            scans.append((top, bottom, start, start + rows))
+        whole = self._input_rows(height, width, size)
+        if sum(self._input_rows(end - start, width, size) for _, _, start, end in scans) >= whole:
+            scans = [(0, height, 0, height)]
+        for top, bottom, start, end in scans:
+            boxes = memory.update(size, top, bottom, self._scan(rgb, size, start, end))
         return boxes
+
+    def _input_rows(self, rows: int, width: int, size: int) -> int:
+        """The network's input rows for a scan of `rows` frame rows at level `size`, its
+        strips' context included: what the scan costs."""
+        network, scaled = self._network_for(size, (rows, width))
+        return sum(bottom - top for (top, bottom), _ in strips(scaled[::-1], network.max_input_pixels))
+
+    def _network_for(self, size: int, shape: tuple[int, int]) -> tuple[DenseBlazeFace, tuple[int, int]]:
+        """The network that scans at level `size`, and the size (width, height) that a
+        region of `shape` (height, width) is scaled to for it."""
+        scale = INPUT_SIZE / size
+        network = self.small_faces if scale > 1.0 else self.short_range
+        return network, (max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale)))
 
     def _scan(self, rgb: np.ndarray, size: int, top: int, bottom: int) -> list[Box]:
         """Boxes in rows [top, bottom) of the frame, seen at scale 128 / size."""
-        scale = INPUT_SIZE / size
         rows = rgb[top:bottom]
-        scaled = (max(1, round(rows.shape[1] * scale)), max(1, round(rows.shape[0] * scale)))
-        if scale != 1.0:
-            rows = cv2.resize(rows, scaled, interpolation=cv2.INTER_AREA if scale < 1.0
+        network, scaled = self._network_for(size, rows.shape[:2])
+        if size != INPUT_SIZE:
+            rows = cv2.resize(rows, scaled, interpolation=cv2.INTER_AREA if size > INPUT_SIZE
                               else cv2.INTER_LINEAR)
-        network = self.small_faces if scale > 1.0 else self.short_range
         found = network.detect(rows, self._threshold)
-        found[:, :4] /= scale
+        found[:, :4] /= INPUT_SIZE / size
         return _boxes(found, 0, top, rgb.shape)
+
+
+def _pieces(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of bands (first, last) as pieces of 1, 2 or 4 (SCAN_BANDS) bands: a run cut into
+    pieces as long as the power of two it fits in (at most SCAN_BANDS), the last moved back
+    to end with it."""
+    pieces = []
+    for start, end in runs:
+        length = min(1 << (end - start).bit_length(), SCAN_BANDS)
+        pieces += [(first, first + length - 1)
+                   for first in [max(min(piece, end - length + 1), 0)
+                                 for piece in range(start, end + 1, length)]]
+    return pieces
 
 
 def _runs(stale: np.ndarray) -> list[tuple[int, int]]:

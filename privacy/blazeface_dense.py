@@ -55,14 +55,16 @@ _STRIDES = ((8, 2), (16, 6))  # (anchor stride, anchors per cell) of the short-r
 FULL_RANGE_SIZE = 192     # the full-range model's fixed input
 _FULL_RANGE_STRIDES = ((4, 1),)
 # Interpreters are kept per input width (a pyramid level of a video: its bands change only
-# the height), at most _SHAPES_PER_WIDTH input shapes each: a third shape replans the least
-# recently used one (10-100 ms), where an interpreter for every shape took 0.1-1 s to make
-# and ~280 MB each for a 720p frame at the 96 px level.
-_CACHED_WIDTHS, _SHAPES_PER_WIDTH = 6, 2
+# the height), as many input shapes each as fit in _PLANNED_PIXELS_PER_WIDTH (LiteRT's plan
+# takes ~100 bytes an input pixel): a shape that does not fit replans the least recently used
+# (30-90 ms at a 720p frame's 64 px level, 0.6x the network's run; making a new interpreter
+# took 0.1-1 s).
+_CACHED_WIDTHS = 6
 REACH = 144  # input rows on either side that an anchor's outputs depend on (a multiple of GRID)
 # Larger inputs run in strips: a 720p frame scaled 2x (3.7 Mpx) runs whole, a 1080p one
 # (8.3 Mpx) in three, which took 1.96 -> 1.08 GB and ran faster (6.2-6.4 -> 7.7-8.1 frames/s).
 MAX_INPUT_PIXELS = 1 << 22
+_PLANNED_PIXELS_PER_WIDTH = 2 * MAX_INPUT_PIXELS
 _TO_INPUT = np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0  # MediaPipe's [-1, 1]
 
 
@@ -115,20 +117,22 @@ class DenseBlazeFace:
         return _invoke(self._interpreter(_padded(rgb.shape[:2])), rgb, self._to_input)
 
     def _interpreter(self, shape: tuple[int, int]):
-        """An interpreter planned for `shape`: one kept for it, or a new one while the
-        width has fewer than _SHAPES_PER_WIDTH, else its width's least recently used, replanned."""
+        """An interpreter planned for `shape`: one kept for it, else the width's least
+        recently used ones make room (one of them replanned) until its kept inputs fit in
+        _PLANNED_PIXELS_PER_WIDTH, else a new one."""
         height, width = shape
         kept = self._interpreters.pop(width, [])  # most recently used first
         planned = [entry[1] for entry in kept]
         if shape in planned:
             interpreter, _ = kept.pop(planned.index(shape))
-        elif len(kept) < _SHAPES_PER_WIDTH:
-            from ai_edge_litert.interpreter import Interpreter
-
-            interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
         else:
-            interpreter, _ = kept.pop()
-        if shape not in planned:
+            interpreter = None
+            while kept and sum(h * w for _, (h, w) in kept) + height * width > _PLANNED_PIXELS_PER_WIDTH:
+                interpreter, _ = kept.pop()
+            if interpreter is None:
+                from ai_edge_litert.interpreter import Interpreter
+
+                interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
             interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"],
                                             [1, height, width, 3])
             interpreter.allocate_tensors()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from privacy.anonymize import Box, FaceAnonymizer, PassMemory
+from privacy.anonymize import Box, FaceAnonymizer, PassMemory, _pieces
 from simulations.bench_anonymize import hidden, paste_face
 
 
@@ -79,6 +79,34 @@ def test_only_the_rows_where_a_face_moves_are_scanned_again(anon_settings, real_
     assert all(720 + 96 <= r <= 720 + 2 * 96 + 96 for r in rows[1:-1]), rows
     for t in range(9):
         assert hidden(frames[t], out[t], faces[t]), f"face on frame {t} not hidden"
+
+
+def test_changed_bands_are_scanned_in_pieces_of_three_lengths(anon_settings, real_faces):
+    # LiteRT replans its network for every new input shape (0.6x a run's time): runs of
+    # stale bands are cut into pieces of 1, 2 or 4 bands, the last moved back to end with
+    # its run.
+    assert _pieces([(0, 0), (3, 5), (7, 15)]) == [(0, 0), (2, 5), (7, 10), (11, 14), (12, 15)]
+    scene = cv2.resize(bgr(data.rocket()), (1280, 720), interpolation=cv2.INTER_AREA)
+    frames, faces = [], []
+    for t in range(8):  # one face at the top edge, one falling across bands, one drifting
+        frame = scene.copy()
+        faces.append([paste_face(frame, real_faces[1], 24, 0, (200 + 4 * t, 20)),
+                      paste_face(frame, real_faces[0], 40, 0, (640, 200 + 30 * t)),
+                      paste_face(frame, real_faces[1], 20, 0, (1000 - 6 * t, 500))])
+        frames.append(frame)
+    settings = dataclasses.replace(anon_settings, window_sizes=(64,), window_every=(1,))
+    with FaceAnonymizer(settings) as anonymizer:
+        heights = set()
+        real_scan = anonymizer.detector._scan
+        def scan(rgb, size, top, bottom):
+            heights.add(bottom - top) if size == 64 else None
+            return real_scan(rgb, size, top, bottom)
+        anonymizer.detector._scan = scan
+        out, _ = anonymizer.anonymize_frames(frames)
+    # (length + 1) * 64 rows (half a window either side), or the whole frame.
+    assert heights <= {128, 192, 320, 720} and len(heights) >= 2, heights
+    for frame, anonymized, boxes in zip(frames, out, faces):
+        assert all(hidden(frame, anonymized, box) for box in boxes)
 
 
 def test_a_face_that_appears_on_a_still_background_is_found(anon_settings, real_faces):

@@ -81,14 +81,18 @@ def test_on_a_whole_frame_it_finds_the_faces_mediapipe_finds_window_by_window(mo
         np.testing.assert_allclose(found[0, :4], near(windowed)[0, :4], atol=0.15 * w + 2)
 
 
-def test_interpreters_are_replanned_per_width_and_give_what_a_fresh_one_gives(
-        face_models, real_faces):
+def test_interpreters_are_replanned_within_a_budget_per_width_and_give_what_a_fresh_one_gives(
+        face_models, real_faces, monkeypatch):
     frame, faces = frame_with_faces(real_faces)
     # Bands of one frame, as a pyramid level scans them: the same width, other heights,
-    # the sides no multiple of 16 (padded with black inside the network's input).
+    # the sides no multiple of 16 (padded with black inside the network's input). The
+    # budget holds the plans of the first two bands (512 + 208 rows of 768), not a third.
+    budget = 720 * 768
+    monkeypatch.setattr(blazeface_dense, "_PLANNED_PIXELS_PER_WIDTH", budget)
     bands = [frame[:500, :760], frame[100:300, :760], frame[:500, :760], frame[200:460, :760],
              frame[100:300, :760], frame[:, :]]
     dense = DenseBlazeFace(face_models["short_range"], threads=1)
+    kept_at_width = []
     for band in bands:
         found = dense.detect(band, 0.3)
         fresh = DenseBlazeFace(face_models["short_range"], threads=1).detect(band, 0.3)
@@ -96,8 +100,13 @@ def test_interpreters_are_replanned_per_width_and_give_what_a_fresh_one_gives(
                                     cv2.BORDER_CONSTANT, value=(0, 0, 0))
         np.testing.assert_array_equal(found, fresh)
         np.testing.assert_array_equal(found, dense.detect(padded, 0.3))
-        kept = [shape for entries in dense._interpreters.values() for _, shape in entries]
-        assert len(kept) <= 3 and len({shape for shape in kept if shape[1] == 768}) <= 2, kept
+        kept_at_width.append(sorted(shape for entries in dense._interpreters.values()
+                                    for _, shape in entries if shape[1] == 768))
+        assert sum(h * w for h, w in kept_at_width[-1]) <= budget, kept_at_width[-1]
+    assert kept_at_width[2] == [(208, 768), (512, 768)]  # both kept: the third band reused one
+    # 272 rows fit beside neither: the least recently used (208) went, then 512, replanned.
+    assert kept_at_width[3] == [(272, 768)]
+    assert kept_at_width[4] == [(208, 768), (272, 768)]
     assert len(dense.detect(frame, 0.3)) >= len(faces) - 1  # the bands hold faces: not vacuous
 
 

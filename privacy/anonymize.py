@@ -56,7 +56,7 @@ from privacy.face_models import sha256_file, verified_face_models
 
 # Bump when detection or blurring changes in a way that changes output for equal settings,
 # so that caches keyed on `settings_key()` are invalidated.
-ALGORITHM_VERSION = 25
+ALGORITHM_VERSION = 26
 # A video's changed bands are scanned in pieces of 1, 2 or SCAN_BANDS bands (one input shape
 # per length: LiteRT replans for a new one), or the whole frame where that costs no more.
 SCAN_BANDS = 4
@@ -580,7 +580,8 @@ def block_differences(gray: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def region_of(box: Box, settings: AnonymizerSettings,
               shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The enlarged region (x0, y0, x1, y1) hidden for a face box, clipped to the frame."""
+    """The enlarged region (x0, y0, x1, y1) hidden for a face box, clipped to the frame:
+    empty (x1 == x0 or y1 == y0) for a box carried out of it."""
     height, width = shape[:2]
     cx = box.x + box.w / 2
     cy = box.y + box.h / 2 - settings.box_shift_up * box.h
@@ -588,7 +589,9 @@ def region_of(box: Box, settings: AnonymizerSettings,
     half_h = box.h * settings.box_scale / 2
     x0, y0 = max(int(np.floor(cx - half_w)), 0), max(int(np.floor(cy - half_h)), 0)
     x1, y1 = min(int(np.ceil(cx + half_w)), width), min(int(np.ceil(cy + half_h)), height)
-    return x0, y0, x1, y1
+    # Past the top or left edge an end is negative, and a negative slice end counts from the
+    # other edge: the region would be most of the frame.
+    return x0, y0, max(x1, x0), max(y1, y0)
 
 
 def hide_region(frame: np.ndarray, region: tuple[int, int, int, int], mode: str,

@@ -18,7 +18,8 @@ into frames, their boxes known) or labelled by hand, never on what a detector fi
   to 22-54 px) under finest pyramid levels of 96, 80 and 64 px, and 64 and 48.
 - collateral: the share of non-face pixels changed, on those stills and on face-free frames
   (the built-in 64 px synthetic videos, textures and photos with no human face, Debian's
-  tree.avi when installed); "max" is the worst single face-free frame.
+  tree.avi when installed, and the same photos and textures as videos of a panning camera
+  at 1280x720, 768x576 and 640x360); "max" is the worst single face-free frame.
 - speed: frames/s of the whole file path (decode, detect, hide, encode) on a drifting-face
   video at 64 px (the built-in data), 1280x720 (11 faces) and 1920x1080, and on a 1280x720
   video with only 3 faces (mostly still background) and one whose camera pans 4 px per frame
@@ -372,23 +373,40 @@ def check_stills() -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
 
 def face_free_frames() -> dict[str, list[np.ndarray]]:
     """Labelled negatives: frames with no human face, by kind."""
-    from skimage import data
-
     from client.synth import _render_video
 
     rng = np.random.default_rng(1)
     synth = [f for v in range(24) for f in _render_video(v % 6, rng, False)]
     photos = []
-    for name in ("chelsea", "coffee", "rocket", "brick", "grass", "gravel", "colorwheel",
-                 "immunohistochemistry", "hubble_deep_field"):
-        image = getattr(data, name)()
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image[..., :3]
-        bgr = np.ascontiguousarray(image[..., ::-1])
+    for name in FACE_FREE_PHOTOS:
+        bgr = face_free_photo(name)
         photos += [bgr, cv2.resize(bgr, (1280, 720), interpolation=cv2.INTER_AREA)]
     kinds = {"synthetic 64 px videos": synth, "photos, cat, textures": photos}
     if TREE_AVI.exists():
         kinds["tree.avi (real video)"] = read_frames(TREE_AVI)
     return kinds
+
+
+FACE_FREE_PHOTOS = ("chelsea", "coffee", "rocket", "brick", "grass", "gravel", "colorwheel",
+                    "immunohistochemistry", "hubble_deep_field")
+# Frame sizes of the face-free panning videos: 720p and two SD sizes.
+PAN_SIZES = ((1280, 720), (768, 576), (640, 360))
+
+
+def face_free_photo(name: str) -> np.ndarray:
+    """One of scikit-image's pictures with no human face (FACE_FREE_PHOTOS), BGR."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image[..., :3]
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def panning_frames(image: np.ndarray, size: tuple[int, int], frames: int = 60,
+                   pan: int = 4) -> list[np.ndarray]:
+    """`frames` frames of a camera panning `pan` px a frame over `image` scaled to `size`."""
+    base = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return [np.roll(base, pan * t, axis=1) for t in range(frames)]
 
 
 def walkers_video(frames: int = 60, size: tuple[int, int] = (768, 576)):
@@ -667,10 +685,33 @@ def bench_negatives(settings, deface, work) -> None:
         if deface:
             line += "  | deface " + _changed_line(frames, run_deface_on_images(deface, frames, work))
         print(f"  {kind:26s} fedvid {line}")
+    print("  the same photos and textures under a camera panning 4 px/frame, 60 frames each, "
+          "by frame size (deface on every 4th frame)")
+    with FaceAnonymizer(settings) as anonymizer:
+        for size in PAN_SIZES:
+            shares, over, sampled = [], [], []
+            for name in FACE_FREE_PHOTOS:
+                video = panning_frames(face_free_photo(name), size)
+                changed = _changed_shares(video, anonymizer.anonymize_frames(video)[0])
+                over += [name] * bool(changed.max() > 0.01)
+                shares.append(changed)
+                sampled += video[::4]
+            line = f"{_shares_line(np.concatenate(shares))}, videos with a frame over 1%: {', '.join(over) or 'none'}"
+            if deface:
+                line += "  | deface " + _changed_line(sampled, run_deface_on_images(deface, sampled, work))
+            print(f"  {f'{size[0]}x{size[1]}':26s} fedvid {line}")
+
+
+def _changed_shares(frames, outs) -> np.ndarray:
+    """The share of each frame's pixels that changed."""
+    return np.array([np.any(f != o, axis=2).mean() for f, o in zip(frames, outs)])
 
 
 def _changed_line(frames, outs) -> str:
-    shares = np.array([np.any(f != o, axis=2).mean() for f, o in zip(frames, outs)])
+    return _shares_line(_changed_shares(frames, outs))
+
+
+def _shares_line(shares: np.ndarray) -> str:
     return (f"{shares.mean() * 100:.2f}% / {shares.max() * 100:.1f}% "
             f"({np.sum(shares > 0.01)}/{len(shares)} frames over 1%)")
 

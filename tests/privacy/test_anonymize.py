@@ -95,6 +95,19 @@ def test_stripes_break_up_the_gray_blob_without_feeding_the_haar_cascade(anon_se
     assert haar[anon_settings.stripes] <= 1, haar
 
 
+def test_a_box_carried_out_of_the_frame_hides_nothing(anon_settings):
+    """A box carried on at its speed can leave the frame: past its top or left edge its
+    region ends at a negative row or column, which, sliced as is, counts from the other edge
+    and hid 85% of a face-free 768x576 frame. A box partly in view is hidden where it is."""
+    frame = np.random.default_rng(0).integers(0, 256, (576, 768, 3), np.uint8)
+    for box in (Box(-49, -84, 15, 15), Box(-60, 200, 20, 20), Box(300, -70, 20, 20),
+                Box(800, 200, 20, 20), Box(300, 600, 20, 20)):
+        assert np.array_equal(hide_faces(frame, [box], anon_settings), frame), box
+    changed = np.any(hide_faces(frame, [Box(-10, -10, 30, 30)], anon_settings) != frame, axis=2)
+    rows, columns = np.nonzero(changed)
+    assert rows.min() == 0 and columns.min() == 0 and rows.max() < 30 and columns.max() < 30
+
+
 def test_the_stripes_move_with_the_face_and_carry_nothing_of_it(anon_settings):
     frame = np.full((200, 300, 3), 128, np.uint8)
     first, second = Box(20, 30, 50, 50), Box(180, 110, 50, 50)

@@ -371,22 +371,6 @@ def check_stills() -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
                        seed=7)
 
 
-def face_free_frames() -> dict[str, list[np.ndarray]]:
-    """Labelled negatives: frames with no human face, by kind."""
-    from client.synth import _render_video
-
-    rng = np.random.default_rng(1)
-    synth = [f for v in range(24) for f in _render_video(v % 6, rng, False)]
-    photos = []
-    for name in FACE_FREE_PHOTOS:
-        bgr = face_free_photo(name)
-        photos += [bgr, cv2.resize(bgr, (1280, 720), interpolation=cv2.INTER_AREA)]
-    kinds = {"synthetic 64 px videos": synth, "photos, cat, textures": photos}
-    if TREE_AVI.exists():
-        kinds["tree.avi (real video)"] = read_frames(TREE_AVI)
-    return kinds
-
-
 FACE_FREE_PHOTOS = ("chelsea", "coffee", "rocket", "brick", "grass", "gravel", "colorwheel",
                     "immunohistochemistry", "hubble_deep_field")
 # Frame sizes of the face-free panning videos: 720p and two SD sizes.
@@ -407,6 +391,22 @@ def panning_frames(image: np.ndarray, size: tuple[int, int], frames: int = 60,
     """`frames` frames of a camera panning `pan` px a frame over `image` scaled to `size`."""
     base = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     return [np.roll(base, pan * t, axis=1) for t in range(frames)]
+
+
+def face_free_frames() -> dict[str, list[np.ndarray]]:
+    """Labelled negatives: frames with no human face, by kind."""
+    from client.synth import _render_video
+
+    rng = np.random.default_rng(1)
+    synth = [f for v in range(24) for f in _render_video(v % 6, rng, False)]
+    photos = []
+    for name in FACE_FREE_PHOTOS:
+        bgr = face_free_photo(name)
+        photos += [bgr, cv2.resize(bgr, (1280, 720), interpolation=cv2.INTER_AREA)]
+    kinds = {"synthetic 64 px videos": synth, "photos, cat, textures": photos}
+    if TREE_AVI.exists():
+        kinds["tree.avi (real video)"] = read_frames(TREE_AVI)
+    return kinds
 
 
 def walkers_video(frames: int = 60, size: tuple[int, int] = (768, 576)):
@@ -693,7 +693,8 @@ def bench_negatives(settings, deface, work) -> None:
             for name in FACE_FREE_PHOTOS:
                 video = panning_frames(face_free_photo(name), size)
                 changed = _changed_shares(video, anonymizer.anonymize_frames(video)[0])
-                over += [name] * bool(changed.max() > 0.01)
+                if changed.max() > 0.01:
+                    over.append(name)
                 shares.append(changed)
                 sampled += video[::4]
             line = f"{_shares_line(np.concatenate(shares))}, videos with a frame over 1%: {', '.join(over) or 'none'}"

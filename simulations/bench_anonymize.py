@@ -850,6 +850,29 @@ def bench_heldout(settings, work, frames: int) -> None:
     src = work / "heldout-1280x720-zoom.mp4"
     truth = zoom_video(src, 1280, 720, faces, frames, sources)
     _curve(settings, read_frames_after(src, truth), HELDOUT_SCHEDULES, bins=ZOOM_BINS)
+    for width, height in SD_SIZES:
+        print(f"  {width}x{height}, 50 of them at {'/'.join(map(str, SD_FACE_SIZES))} px, ten a "
+              f"video, drifting, still and panning camera (20 videos), default levels")
+        by_size: dict[int, list[bool]] = {}
+        collateral, seconds, count = [], 0.0, 0
+        for pan, first in itertools.product((0, 4), range(0, 50, 10)):
+            faces = [(SD_FACE_SIZES[i % len(SD_FACE_SIZES)], first + i) for i in range(10)]
+            src = work / f"heldout-{width}x{height}-pan{pan}-{first}.mp4"
+            truth = synthetic_video(src, width, height, faces, frames, pan=pan, sources=sources)
+            originals = read_frames(src)
+            with FaceAnonymizer(settings) as anonymizer:
+                start = time.perf_counter()
+                outs, _ = anonymizer.anonymize_frames(originals)
+                seconds, count = seconds + time.perf_counter() - start, count + len(originals)
+            for original, output, boxes in zip(originals, outs, truth):
+                for box in filter(lambda box: in_view(box, original), boxes):
+                    by_size.setdefault(box[2], []).append(hidden(original, output, box))
+            collateral += [changed_outside(o, a, b) for o, a, b in zip(originals, outs, truth)]
+        covered = [v for values in by_size.values() for v in values]
+        sizes_text = " ".join(f"{size}px:{np.mean(v) * 100:.2f}%" for size, v in sorted(by_size.items()))
+        print(f"    {count / seconds:5.1f} frames/s (detect+hide), covered {np.mean(covered) * 100:.2f}% "
+              f"({len(covered) - sum(covered)} of {len(covered)} face-frames left) [{sizes_text}], "
+              f"non-face pixels changed {np.mean(collateral) * 100:.2f}%")
 
 
 class KeyframeMisses:
@@ -934,11 +957,12 @@ def _curve(settings, video, schedules=None, bins: tuple[int, ...] | None = None)
               f"non-face pixels changed {collateral * 100:.2f}%")
 
 
-def bench_heads(models_dir: Path, vtest: Path | None) -> None:
+def bench_heads(models_dir: Path, vtest: Path | None, second_opinion: float) -> None:
     print("\nHeads of people (anonymize-mode faces+heads) against faces only (faces from 20, 14 or 12 px)")
     walkers, truth = walkers_video()
     for mode, smallest in HEADS_MODES:
-        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir)
+        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir,
+                                               second_opinion=second_opinion)
         with FaceAnonymizer(settings) as anonymizer:
             start = time.perf_counter()
             outs, _ = anonymizer.anonymize_frames(walkers)
@@ -955,7 +979,8 @@ def bench_heads(models_dir: Path, vtest: Path | None) -> None:
     frames = read_frames(vtest)
     half = VTEST_HEAD_PX // 2
     for mode, smallest in HEADS_MODES:
-        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir)
+        settings = AnonymizerSettings.for_mode(mode, smallest, model_dir=models_dir,
+                                               second_opinion=second_opinion)
         with FaceAnonymizer(settings) as anonymizer:
             stream = anonymizer.stream(median_background(frames))
             start = time.perf_counter()
@@ -989,6 +1014,8 @@ CURVE_SCHEDULES = [((512, 256, 128), (2, 4, 4), 4, True),
                    ((512, 256, 96, 64), (1, 1, 1, 1), 0, False)]
 CROSSING_SCHEDULES = [CURVE_SCHEDULES[i] for i in (1, 2, 3, 5)]
 HELDOUT_SIZES = (14, 17, 20, 24)
+SD_SIZES = ((768, 576), (640, 360))
+SD_FACE_SIZES = (20, 24, 28, 32, 40)
 ZOOM_BINS = (14, 17, 20, 24, 32, 48)  # face widths in the zoom video, by range
 # (anonymize-mode, anonymize-smallest-face) of the heads section.
 HEADS_MODES = [("faces", 20), ("faces", 14), ("faces", 12), ("faces+heads", 14)]
@@ -1031,12 +1058,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=120, help="frames of generated videos")
     parser.add_argument("--vtest", type=Path, default=VTEST, help="Debian's vtest.avi")
     parser.add_argument("--film", type=Path, default=MEGAMIND, help="Debian's Megamind.avi")
+    parser.add_argument("--second-opinion", type=float, default=AnonymizerSettings.second_opinion,
+                        help="CenterFace score that confirms a doubtful box of the finest "
+                             "levels (0: BlazeFace alone)")
     parser.add_argument("--sections", default="faces,heldout,negatives,speed,memory,curve,misses,heads,film",
                         help="comma-separated subset of faces,heldout,negatives,speed,memory,"
                              "curve,misses,heads,film")
     args = parser.parse_args()
     models = provision_face_models()
-    settings = AnonymizerSettings(model_dir=models["short_range"].parent)
+    settings = AnonymizerSettings(model_dir=models["short_range"].parent,
+                                  second_opinion=args.second_opinion)
     deface = find_deface(args.deface)
     if deface is None:
         print("deface not found: pass --deface PATH (install it in a separate venv)")
@@ -1059,7 +1090,7 @@ def main() -> None:
         if "misses" in sections:
             bench_misses(settings, work, args.frames)
         if "heads" in sections:
-            bench_heads(models["short_range"].parent, args.vtest)
+            bench_heads(models["short_range"].parent, args.vtest, args.second_opinion)
         if "film" in sections:
             bench_film(settings, redetector(), deface, work, args.film)
 

@@ -178,7 +178,7 @@ class AnonymizerSettings:
         opinion; it only adds faces). At 0.3 it confirmed 38.5% of 390 such boxes over the
         faces of the benchmark's held-out people and none of 6,296 over face-free photos,
         textures and background; it covers more of those people at 20-40 px in SD video and
-        at 14 px in 720p (`bench_anonymize`, heldout). About 2-3 ms a box on two cores.
+        at 14 px in 720p (`bench_anonymize`, heldout). About 2 ms a box on two cores.
     nms_iou: boxes overlapping more than this (or lying 80% inside a kept box) are merged.
     reuse_unchanged / change_threshold / reuse_max_frames: in a video, a pass looks again
         only at the bands of rows (one window high) where some 16 px block (gray, mean

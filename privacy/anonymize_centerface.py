@@ -75,16 +75,8 @@ class CenterFaceDetector:
         if pad_w or pad_h:
             image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT)
         blob = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-        heatmap, sizes, offsets, _ = self.session.run(None, {_INPUT: blob})
-        rows, cols = np.nonzero(heatmap[0, 0] > threshold)
-        if rows.size == 0:
-            return np.zeros((0, 5), np.float32)
-        box_h = np.exp(sizes[0, 0, rows, cols]) * STRIDE
-        box_w = np.exp(sizes[0, 1, rows, cols]) * STRIDE
-        cy = (rows + offsets[0, 0, rows, cols] + 0.5) * STRIDE
-        cx = (cols + offsets[0, 1, rows, cols] + 0.5) * STRIDE
-        found = np.stack([cx - box_w / 2, cy - box_h / 2, box_w, box_h,
-                          heatmap[0, 0, rows, cols]], axis=1) 
+        heatmaps, sizes, offsets, _ = self.session.run(None, {_INPUT: blob})
+        found = _faces(heatmaps[0], sizes[0], offsets[0], threshold)
         found[:, :4] /= scale
         return found
 
@@ -103,13 +95,20 @@ class CenterFaceDetector:
         heatmaps, sizes, offsets, _ = self.session.run(None, {_INPUT: blob})
         verdicts = []
         for k, (fx, fy) in enumerate(centres):
-            rows, cols = np.nonzero(heatmaps[k, 0] > threshold)
-            half_h = np.exp(sizes[k, 0, rows, cols]) * STRIDE / 2
-            half_w = np.exp(sizes[k, 1, rows, cols]) * STRIDE / 2
-            cy = (rows + offsets[k, 0, rows, cols] + 0.5) * STRIDE
-            cx = (cols + offsets[k, 1, rows, cols] + 0.5) * STRIDE
-            verdicts.append(bool(np.any((np.abs(cx - fx) <= half_w) & (np.abs(cy - fy) <= half_h))))
+            x, y, w, h, _ = _faces(heatmaps[k], sizes[k], offsets[k], threshold).T
+            verdicts.append(bool(np.any((x <= fx) & (fx <= x + w) & (y <= fy) & (fy <= y + h))))
         return verdicts
+
+
+def _faces(heatmap: np.ndarray, sizes: np.ndarray, offsets: np.ndarray,
+           threshold: float) -> np.ndarray:
+    """(x, y, w, h, score) rows of the faces in one image's outputs, in input pixels."""
+    rows, cols = np.nonzero(heatmap[0] > threshold)
+    box_h = np.exp(sizes[0, rows, cols]) * STRIDE
+    box_w = np.exp(sizes[1, rows, cols]) * STRIDE
+    cy = (rows + offsets[0, rows, cols] + 0.5) * STRIDE
+    cx = (cols + offsets[1, rows, cols] + 0.5) * STRIDE
+    return np.stack([cx - box_w / 2, cy - box_h / 2, box_w, box_h, heatmap[0, rows, cols]], axis=1)
 
 
 def _crop(rgb: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[float, float]]:

@@ -278,6 +278,24 @@ def test_anonymize_int8_chooses_the_network_that_finds_small_faces(monkeypatch):
         site_anonymizer.cache_clear()
 
 
+def test_a_site_always_asks_centerface_s_second_opinion(monkeypatch):
+    # CenterFace can only add faces a site's BlazeFace doubts; no config switches it off: a
+    # coordinator's run config is refused, and the node config has no such key either.
+    monkeypatch.setenv("FEDVID_FACE_MODELS", str(provision_face_models()["short_range"].parent))
+    with pytest.raises(ValueError, match="unknown run-config key.*anonymize-second-opinion"):
+        RunConfig.from_mapping({"anonymize-second-opinion": 0})
+    with pytest.raises(ValueError, match="unknown node-config key.*anonymize-second-opinion"):
+        NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-second-opinion": 0})
+    site_anonymizer.cache_clear()
+    try:
+        for mode in ("faces", "faces+heads"):
+            node = NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-mode": mode})
+            detector = node_anonymizer(node).detector
+            assert detector.settings.second_opinion == 0.3 and detector.centerface is not None
+    finally:
+        site_anonymizer.cache_clear()
+
+
 def test_anonymize_workers_is_a_count_of_processes():
     assert NodeConfig.from_mapping({"data-dir": "/videos", "anonymize-workers": 3}).anonymize_workers == 3
     with pytest.raises(ValueError, match="anonymize-workers = -1"):

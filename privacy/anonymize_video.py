@@ -7,8 +7,6 @@ memory stays bounded for any length while the temporal hold spans the whole vide
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 
 from privacy.anonymize import AnonymizedFrame, AnonymizerSettings, AnonymizeStats, FaceAnonymizer
 from privacy.anonymize_heads import median_background
+from privacy.durable import atomic_write
 
 VIDEO_INPUTS = (".mp4", ".avi", ".mov", ".mkv")
 VIDEO_OUTPUTS = (".mp4",)
@@ -211,16 +210,7 @@ def _write_atomically(dst: Path, write):
     """Return write(tmp_path) for a temporary file beside dst, renamed to dst afterwards, so
     a failure never leaves a half-written (possibly partly unblurred) output behind."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=dst.suffix, dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        result = write(tmp)
-        os.replace(tmp, dst)
-        return result
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return atomic_write(dst, write, suffix=dst.suffix)  # OpenCV picks the format by it
 
 
 def _write_preview(path: Path, items: list[AnonymizedFrame]) -> None:

@@ -3,32 +3,42 @@ budgets, face models, run status. After a crash a file is the old one or the new
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, fsync it, rename it, fsync the folder."""
+def atomic_write(path: Path, write: Callable[[Path], T], suffix: str = ".tmp") -> T:
+    """Return `write(tmp)` for a temporary file beside `path` (named with `suffix`: writers
+    such as OpenCV's pick the format by it), fsynced and renamed to `path`, the folder fsynced.
+    If `write` raises, the temporary file is removed and `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        result = write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+    return result
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write` of `data`."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: object) -> None:

@@ -1,5 +1,6 @@
 """Crash-safe file writes, for everything whose loss or corruption would cost privacy:
-budgets, face models, run status. After a crash a file is the old one or the new one, never half."""
+budgets, face models, run status, anonymized files. After a crash a file is the old one or the
+new one, never half."""
 
 from __future__ import annotations
 
